@@ -1,0 +1,112 @@
+"""The CIFAR-10 CNN: three VGG-style conv blocks, then a GAP -> Dense -> Dense head.
+
+Shapes: images are float NHWC in [0, 1], (B, 32, 32, 3); logits are (B, num_classes).
+The per-channel standardisation happens inside the model, so callers never normalise.
+
+Named activations (block outputs after BN+ReLU, before pooling):
+    conv1 (B, 32, 32, w), conv2 (B, 16, 16, 2w), conv3 (B, 8, 8, 4w), with w = `width`.
+
+The network is split into `features` (image -> every named activation) and
+`head_from` (one named activation -> logits), so an explainer can differentiate the
+logits with respect to any block output with plain `jax.grad`, without hooks.
+"""
+
+from typing import Dict
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# Exact per-channel mean and std of the 50,000 CIFAR-10 training images, on [0, 1].
+CIFAR10_MEAN = (0.4913996, 0.4821584, 0.4465309)
+CIFAR10_STD = (0.2470322, 0.2434851, 0.2615878)
+
+LAYER_NAMES = ("conv1", "conv2", "conv3")
+CONVS_PER_BLOCK = (2, 2, 3)
+
+
+class ConvBlock(nn.Module):
+    """`num_convs` x [Conv 3x3 SAME -> BatchNorm -> ReLU]; pooling is left to the caller."""
+
+    features: int
+    num_convs: int
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        for _ in range(self.num_convs):
+            # No conv bias: the BatchNorm that follows subtracts it again.
+            x = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False)(x)
+            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)(x)
+            x = nn.relu(x)
+        return x
+
+
+class Head(nn.Module):
+    """Global average pooling -> Dense -> ReLU -> Dropout -> Dense."""
+
+    hidden: int
+    num_classes: int
+    dropout_rate: float
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        x = jnp.mean(x, axis=(1, 2))
+        x = nn.relu(nn.Dense(self.hidden)(x))
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        return nn.Dense(self.num_classes)(x)
+
+
+def _pool(x):
+    return nn.max_pool(x, (2, 2), strides=(2, 2))
+
+
+class CIFAR10CNN(nn.Module):
+    """VGG-style CIFAR-10 classifier.
+
+    Attributes:
+        num_classes: number of output logits.
+        width: channels of block 1; blocks 2 and 3 use 2x and 4x, the hidden Dense 8x.
+            The default 64 is the reference network; small widths make fast test models.
+        dropout_rate: dropout before the last Dense layer (train mode only).
+    """
+
+    num_classes: int = 10
+    width: int = 64
+    dropout_rate: float = 0.5
+
+    def setup(self):
+        self.blocks = [
+                ConvBlock(self.width * 2**i, n, name=f"block{i + 1}")
+                for i, n in enumerate(CONVS_PER_BLOCK)
+        ]
+        self.head = Head(8 * self.width, self.num_classes, self.dropout_rate)
+
+    def features(self, x, *, train: bool = False) -> Dict[str, jnp.ndarray]:
+        """Returns every named block activation of a batch of [0, 1] images."""
+        x = (x - jnp.reshape(jnp.asarray(CIFAR10_MEAN), (1, 1, 1, 3))) / jnp.reshape(
+            jnp.asarray(CIFAR10_STD), (1, 1, 1, 3))
+        acts = {}
+        for name, block in zip(LAYER_NAMES, self.blocks):
+            if acts:
+                x = _pool(x)
+            x = acts[name] = block(x, train=train)
+        return acts
+
+    def head_from(self, act, *, layer: str = "conv3", train: bool = False):
+        """Runs the rest of the network from the activation named `layer` to the logits."""
+        if layer not in LAYER_NAMES:
+            raise ValueError(f"layer must be one of {LAYER_NAMES}, got {layer!r}")
+        x = act
+        for block in self.blocks[LAYER_NAMES.index(layer) + 1:]:
+            x = block(_pool(x), train=train)
+        return self.head(_pool(x), train=train)
+
+    def __call__(self, x, *, train: bool = False, return_activations: bool = False):
+        acts = self.features(x, train=train)
+        logits = self.head_from(acts["conv3"], layer="conv3", train=train)
+        return (logits, acts) if return_activations else logits
+
+
+def model_config(model: CIFAR10CNN) -> Dict[str, object]:
+    """The constructor arguments that rebuild `model`, as plain JSON-able values."""
+    return {"num_classes": model.num_classes, "width": model.width,
+                    "dropout_rate": model.dropout_rate}

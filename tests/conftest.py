@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny models and synthetic CIFAR-10 files, built once per session."""
+
+import pickle
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Compilation dominates these small tests; the persistent cache makes reruns fast.
+jax.config.update("jax_compilation_cache_dir", str(ROOT / ".cache" / "jax"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+RECORDS = 20  # records per synthetic batch file
+
+
+def make_split(rng, n):
+    """Random uint8 images (n, 32, 32, 3) and labels covering every class."""
+    images = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+    labels = (np.arange(n) % 10).astype(np.int32)
+    return images, labels
+
+
+def to_binary_records(images, labels):
+    """Official binary records: label byte, then the R, G and B planes row-major."""
+    planes = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
+    return np.concatenate([labels[:, None].astype(np.uint8), planes], axis=1).tobytes()
+
+
+def write_binary_layout(folder, rng, records=RECORDS):
+    """Writes a complete binary layout; returns the expected (train, test) arrays."""
+    folder.mkdir(parents=True, exist_ok=True)
+    train = [make_split(rng, records) for _ in range(5)]
+    for i, (x, y) in enumerate(train, 1):
+        (folder / f"data_batch_{i}.bin").write_bytes(to_binary_records(x, y))
+    test = make_split(rng, records)
+    (folder / "test_batch.bin").write_bytes(to_binary_records(*test))
+    return (np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train])), test
+
+
+def write_python_layout(folder, train, test, records=RECORDS):
+    """Writes the same arrays in the python (pickle) layout."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    images = np.concatenate([train[0], test[0]])
+    labels = np.concatenate([train[1], test[1]])
+    for k, name in enumerate(names):
+        x = images[k * records:(k + 1) * records]
+        batch = {b"data": x.transpose(0, 3, 1, 2).reshape(records, -1),
+                 b"labels": labels[k * records:(k + 1) * records].tolist(),
+                 b"batch_label": name.encode()}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+
+
+@pytest.fixture(scope="session")
+def binary_dataset(tmp_path_factory):
+    """(folder, (train_images, train_labels), (test_images, test_labels))."""
+    folder = tmp_path_factory.mktemp("data") / "cifar-10-batches-bin"
+    train, test = write_binary_layout(folder, np.random.default_rng(0))
+    return folder, train, test
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from cifar10_cnn_model import CIFAR10CNN
+    return CIFAR10CNN(width=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_variables(tiny_model):
+    return jax.jit(tiny_model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+@pytest.fixture(scope="session")
+def images():
+    """Eight fixed float images in [0, 1]."""
+    return jax.random.uniform(jax.random.key(1), (8, 32, 32, 3))

@@ -1,0 +1,92 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cifar10_cnn_model import LAYER_NAMES, CIFAR10CNN
+
+
+def test_reference_network_parameter_count_and_shapes():
+    model = CIFAR10CNN()
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    n_params = sum(x.size for x in jax.tree.leaves(variables["params"]))
+    # convs 1,734,336 (no bias: BatchNorm follows) + BN 2,304 + dense 131,584 + 5,130
+    assert n_params == 1_873_354
+    assert sum(x.size for x in jax.tree.leaves(variables["batch_stats"])) == 2_304
+    logits, acts = jax.eval_shape(
+        lambda v, x: model.apply(v, x, return_activations=True),
+        variables, jnp.zeros((2, 32, 32, 3)))
+    assert logits.shape == (2, 10)
+    assert {k: a.shape for k, a in acts.items()} == {
+        "conv1": (2, 32, 32, 64), "conv2": (2, 16, 16, 128), "conv3": (2, 8, 8, 256)}
+
+
+def test_activations_are_post_relu_block_outputs(tiny_model, tiny_variables, images):
+    logits, acts = tiny_model.apply(tiny_variables, images, return_activations=True)
+    assert set(LAYER_NAMES) <= set(acts)
+    for name in LAYER_NAMES:
+        assert float(acts[name].min()) >= 0.0  # after ReLU
+    # Each block's input is the previous block's output max-pooled 2x2.
+    assert acts["conv2"].shape[1:3] == (16, 16) and acts["conv3"].shape[1:3] == (8, 8)
+    np.testing.assert_array_equal(logits, tiny_model.apply(tiny_variables, images))
+
+
+@pytest.mark.parametrize("layer", LAYER_NAMES)
+def test_head_from_any_layer_reproduces_the_logits(tiny_model, tiny_variables, images, layer):
+    logits, acts = tiny_model.apply(tiny_variables, images, return_activations=True)
+    from_layer = tiny_model.apply(tiny_variables, acts[layer], layer=layer,
+                                  method=CIFAR10CNN.head_from)
+    np.testing.assert_allclose(from_layer, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_logits_differentiate_with_respect_to_a_block_output(tiny_model, tiny_variables, images):
+    acts = tiny_model.apply(tiny_variables, images, method=CIFAR10CNN.features)
+
+    def target_logit(conv3):
+        logits = tiny_model.apply(tiny_variables, conv3, method=CIFAR10CNN.head_from)
+        return logits[:, 3].sum()
+
+    grads = jax.grad(target_logit)(acts["conv3"])
+    assert grads.shape == acts["conv3"].shape
+    assert float(jnp.abs(grads).sum()) > 0
+    # Examples are independent in eval mode: image 0's logit has no gradient in image 1.
+    one = jax.grad(lambda a: tiny_model.apply(
+        tiny_variables, a, method=CIFAR10CNN.head_from)[0, 3])(acts["conv3"])
+    assert float(jnp.abs(one[1:]).max()) == 0.0
+
+
+def test_unknown_layer_is_refused_with_the_valid_names(tiny_model, tiny_variables, images):
+    with pytest.raises(ValueError, match=r"layer must be one of \('conv1', 'conv2', 'conv3'\), "
+                                         r"got 'conv9'"):
+        tiny_model.apply(tiny_variables, images, layer="conv9", method=CIFAR10CNN.head_from)
+
+
+def test_eval_mode_is_deterministic_and_batch_independent(tiny_model, tiny_variables, images):
+    batch = tiny_model.apply(tiny_variables, images)
+    np.testing.assert_array_equal(batch, tiny_model.apply(tiny_variables, images))
+    alone = tiny_model.apply(tiny_variables, images[2:3])
+    np.testing.assert_allclose(alone[0], batch[2], rtol=1e-5, atol=1e-6)
+
+
+def test_normalisation_happens_inside_the_model(tiny_model, tiny_variables):
+    # An image equal to the dataset mean is standardised to zero; with bias-free convs
+    # the first block's output is then the same at every pixel.
+    from cifar10_cnn_model import CIFAR10_MEAN
+    mean_image = jnp.broadcast_to(jnp.asarray(CIFAR10_MEAN), (1, 32, 32, 3))
+    acts = tiny_model.apply(tiny_variables, mean_image, method=CIFAR10CNN.features)
+    conv1 = acts["conv1"][0]
+    np.testing.assert_allclose(conv1, jnp.broadcast_to(conv1[16, 16], conv1.shape), atol=1e-6)
+
+
+def test_train_mode_updates_batch_stats_and_uses_dropout(tiny_model, tiny_variables, images):
+    def run(key):
+        return tiny_model.apply(tiny_variables, images, train=True, mutable=["batch_stats"],
+                                rngs={"dropout": key})
+
+    logits_a, updates = run(jax.random.key(0))
+    logits_b, _ = run(jax.random.key(1))
+    changed = jax.tree.map(lambda new, old: bool(jnp.any(new != old)),
+                           updates["batch_stats"], tiny_variables["batch_stats"])
+    assert all(jax.tree.leaves(changed))
+    assert not np.allclose(logits_a, logits_b)  # dropout differs with the key
+    np.testing.assert_array_equal(logits_a, run(jax.random.key(0))[0])
