@@ -1,0 +1,221 @@
+import dataclasses
+import json
+import pickle
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cifar10_data
+import train_cifar10 as tc
+from cifar10_cnn_model import CIFAR10CNN
+
+CONFIG = tc.TrainConfig(epochs=2, batch_size=16, lr=1e-2, train_subset=None, width=4,
+                        val_fraction=0.25, quiet=True)
+
+
+@pytest.fixture(scope="session")
+def synthetic_data():
+    """64 train and 40 test images whose class is readable from the mean colour."""
+    rng = np.random.default_rng(0)
+
+    def make(n):
+        labels = (np.arange(n) % 10).astype(np.int32)
+        base = (labels * 25).astype(np.uint8)[:, None, None, None]
+        noise = rng.integers(0, 20, size=(n, 32, 32, 3), dtype=np.uint8)
+        return base + noise, labels
+
+    return cifar10_data.Cifar10(*make(64), *make(40))
+
+
+@pytest.fixture(scope="session")
+def trained(synthetic_data):
+    return tc.train_and_evaluate(CONFIG, data=synthetic_data)
+
+
+def test_flags_map_one_to_one_onto_the_config():
+    help_text = tc.build_parser().format_help()
+    for field in dataclasses.fields(tc.TrainConfig):
+        assert "--" + field.name.replace("_", "-") in help_text
+        assert field.metadata["help"].split()[0] in help_text
+    config = tc.parse_args(["--epochs", "3", "--batch-size", "32", "--lr", "0.01", "--seed",
+                            "7", "--val-fraction", "0.2", "--train-subset", "500",
+                            "--width", "16", "--data-dir", "d", "--output", "m.pkl",
+                            "--history-plot", "h.png", "--quiet", "--recipe", "seed"])
+    assert config == tc.TrainConfig(recipe="seed", epochs=3, batch_size=32, lr=0.01, seed=7,
+                                    val_fraction=0.2, train_subset=500, width=16,
+                                    data_dir="d", output="m.pkl", history_plot="h.png",
+                                    quiet=True)
+    assert tc.parse_args([]) == tc.TrainConfig()
+    assert tc.parse_args(["--smoke", "--epochs", "5"]) == tc.TrainConfig(
+        **{**tc.SMOKE, "epochs": 5})
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "epochs must be >= 1, got 0"),
+    (["--batch-size", "-2"], "batch_size must be >= 1, got -2"),
+    (["--val-fraction", "1"], r"val_fraction must be in \[0, 1\), got 1.0"),
+    (["--lr", "0"], "lr must be > 0, got 0.0"),
+])
+def test_bad_flags_are_refused_by_name(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        tc.parse_args(flags)
+    assert message.replace("\\", "") in capsys.readouterr().err
+
+
+def test_train_steps_lower_the_loss_on_a_fixed_batch(synthetic_data):
+    model = CIFAR10CNN(width=4)
+    state = tc.create_train_state(model, CONFIG, jax.random.key(0))
+    before = jax.device_get(state.batch_stats)  # the state is donated to train_step
+    batch = {"image": jnp.asarray(synthetic_data.train_images[:16]),
+             "label": jnp.asarray(synthetic_data.train_labels[:16])}
+    losses = []
+    for _ in range(12):
+        state, metrics = tc.train_step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert np.all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < 0.7 * losses[0]
+    changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != b)), state.batch_stats,
+                           before)
+    assert all(jax.tree.leaves(changed))
+    assert int(state.step) == 12
+
+
+def test_eval_step_matches_the_model_in_eval_mode(trained, synthetic_data):
+    model, state, _ = trained
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    images = synthetic_data.test_images[:16]
+    labels = synthetic_data.test_labels[:16]
+    logits = model.apply(variables, images.astype(np.float32) / 255.0)
+    out = tc.eval_step(state, {"image": jnp.asarray(images), "label": jnp.asarray(labels)})
+    np.testing.assert_array_equal(out["correct"], np.argmax(logits, -1) == labels)
+    # evaluate() pads the last batch; the padded examples never count.
+    per_example = tc.evaluate(state, jnp.asarray(synthetic_data.test_images),
+                              jnp.asarray(synthetic_data.test_labels), 16)
+    assert per_example["correct"].shape == (40,)
+    np.testing.assert_array_equal(per_example["correct"][:16], out["correct"])
+
+
+def test_train_and_evaluate_reports_history_and_both_test_accuracies(trained):
+    _, _, metrics = trained
+    assert [row["epoch"] for row in metrics["history"]] == [1, 2]
+    for row in metrics["history"]:
+        assert np.isfinite(row["train_loss"]) and 0 <= row["val_accuracy"] <= 1
+    assert metrics["val_accuracy"] == metrics["history"][-1]["val_accuracy"]
+    assert 0 <= metrics["test_accuracy"] <= 1
+    assert metrics["test_accuracy_first1000"] == metrics["test_accuracy"]  # only 40 here
+    assert metrics["device"].startswith("cpu")
+
+
+def test_same_seed_gives_identical_params(trained, synthetic_data):
+    _, state, _ = trained
+    _, again, _ = tc.train_and_evaluate(CONFIG, data=synthetic_data)
+    same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), state.params, again.params)
+    assert all(jax.tree.leaves(same))
+
+
+def _plain_types(tree):
+    if isinstance(tree, dict):
+        return set().union({dict}, *(_plain_types(v) for v in tree.values()))
+    if isinstance(tree, list):
+        return set().union({list}, *(_plain_types(v) for v in tree))
+    return {type(tree)}
+
+
+def test_checkpoint_round_trip_is_exact_and_plain(trained, tmp_path, images):
+    model, state, metrics = trained
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    path = tmp_path / "m.pkl"
+    tc.save_checkpoint(path, model, variables, CONFIG, metrics)
+    with open(path, "rb") as f:
+        raw = pickle.load(f)
+    assert set(raw) == {"params", "batch_stats", "config", "metrics"}
+    assert _plain_types(raw) <= {dict, list, str, int, float, bool, type(None), np.ndarray}
+    loaded_model, loaded = tc.load_checkpoint(path)
+    assert loaded_model == model
+    same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), b) and
+                        np.asarray(a).dtype == b.dtype, variables, loaded)
+    assert all(jax.tree.leaves(same))
+    assert jax.tree.structure(jax.tree.map(np.asarray, variables)) == jax.tree.structure(loaded)
+    np.testing.assert_array_equal(model.apply(variables, images),
+                                  loaded_model.apply(loaded, images))
+    assert raw["metrics"]["test_accuracy"] == metrics["test_accuracy"]
+    assert raw["config"]["train"]["lr"] == CONFIG.lr
+
+
+def test_seed_repl_loading_lines_work_on_a_saved_checkpoint(tmp_path, images):
+    full = CIFAR10CNN()
+    variables = jax.jit(full.init)(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))
+    tc.save_checkpoint(tmp_path / "cifar10_model.pkl", full, variables)
+    image = np.asarray(images[0])  # 32x32x3 in [0, 1]
+
+    # The seed's REPL lines, as users type them:
+    with open(tmp_path / "cifar10_model.pkl", "rb") as f:
+        checkpoint = pickle.load(f)
+    params = checkpoint["params"]
+    batch_stats = checkpoint["batch_stats"]
+    model = CIFAR10CNN(num_classes=10)
+    logits = model.apply({"params": params, "batch_stats": batch_stats}, image[None],
+                         train=False)
+
+    np.testing.assert_allclose(logits, full.apply(variables, image[None]), rtol=1e-6)
+
+
+def test_failed_write_keeps_the_previous_checkpoint(trained, tmp_path):
+    model, state, _ = trained
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    path = tmp_path / "m.pkl"
+    tc.save_checkpoint(path, model, variables)
+    before = path.read_bytes()
+
+    class DiskFull:
+        def __reduce__(self):
+            raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):  # fails half-way through the write
+        tc.save_checkpoint(path, model, variables, metrics={"z": DiskFull()})
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pkl"]  # no temp file left
+
+
+def test_load_checkpoint_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"checkpoint '.*nope\.pkl' does not exist"):
+        tc.load_checkpoint(tmp_path / "nope.pkl")
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"params": Payload()}))
+    with pytest.raises(ValueError, match=r"evil\.pkl' is not a readable cifar10-xai "
+                                         r"checkpoint .*refusing to load"):
+        tc.load_checkpoint(tmp_path / "evil.pkl")
+    assert not marker.exists()
+    (tmp_path / "short.pkl").write_bytes(b"\x80\x04\x95")
+    with pytest.raises(ValueError, match=r"short\.pkl' is not a readable"):
+        tc.load_checkpoint(tmp_path / "short.pkl")
+
+
+def test_main_writes_checkpoint_report_and_plot(synthetic_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cifar10_data, "load_cifar10", lambda data_dir: synthetic_data)
+    out = tmp_path / "run" / "model.pkl"
+    tc.main(["--epochs", "1", "--batch-size", "16", "--width", "4", "--quiet",
+             "--output", str(out), "--history-plot", str(tmp_path / "h.png")])
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["config"]["train"]["epochs"] == 1
+    assert report["config"]["model"] == {"num_classes": 10, "width": 4, "dropout_rate": 0.5}
+    assert len(report["history"]) == 1
+    for key in ("val_accuracy", "test_accuracy_first1000", "test_accuracy", "wall_time_s",
+                "device"):
+        assert key in report
+    assert (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    model, _ = tc.load_checkpoint(out)
+    assert model.width == 4
+    assert "test accuracy" in capsys.readouterr().out
+
+
+def test_main_reports_missing_data_without_a_traceback(monkeypatch, tmp_path):
+    with pytest.raises(SystemExit, match=r"error: .*holds no CIFAR-10 data"):
+        tc.main(["--data-dir", str(tmp_path), "--quiet"])

@@ -1,0 +1,376 @@
+"""Trains the CIFAR-10 CNN and writes a checkpoint, a JSON report and a history plot.
+
+    python train_cifar10.py                      # the seed recipe: Adam 1e-3, 50 epochs
+    python train_cifar10.py --train-subset 2000 --epochs 2
+    python train_cifar10.py --smoke              # a tiny model, a few seconds on CPU
+
+Images stay on the device as uint8 (N, 32, 32, 3) and are scaled to [0, 1] inside the
+jitted step. The checkpoint is a pickle of plain numpy arrays, dicts, lists, strings and
+numbers: {'params', 'batch_stats', 'config', 'metrics'}; `load_checkpoint` rebuilds the
+model from it.
+"""
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import pickle
+import tempfile
+import time
+import typing
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+from tqdm.auto import tqdm
+
+import cifar10_data
+from cifar10_cnn_model import CIFAR10CNN, model_config
+
+RECIPES = ("seed",)
+EXACT_TEST_RECORDS = 1000  # test records 0..999 are exact; the rest are JPEG-degraded here
+
+
+def _help(text, **kwargs):
+    return dataclasses.field(metadata={"help": text}, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    recipe: str = _help("training recipe; 'seed': Adam, constant lr, no augmentation",
+                        default="seed")
+    epochs: int = _help("number of passes over the training split", default=50)
+    batch_size: int = _help("images per training step", default=128)
+    lr: float = _help("learning rate", default=1e-3)
+    seed: int = _help("seed of the split, the initialisation, the order and dropout",
+                      default=0)
+    val_fraction: float = _help("fraction of the training set held out for validation",
+                                default=0.1)
+    train_subset: Optional[int] = _help("use only the first N training images", default=None)
+    width: int = _help("channels of the first block (64 is the reference network)",
+                       default=64)
+    data_dir: Optional[str] = _help("CIFAR-10 folder (binary or python layout); "
+                                    "default: $CIFAR10_DIR, then tfds, then download",
+                                    default=None)
+    output: str = _help("checkpoint path; the JSON report goes next to it",
+                        default="cifar10_model.pkl")
+    history_plot: str = _help("where to save the loss and accuracy curves",
+                              default="training_history.png")
+    quiet: bool = _help("no progress bars or per-epoch lines", default=False)
+
+    def __post_init__(self):
+        rules = {
+            "epochs": (self.epochs >= 1, ">= 1"),
+            "batch_size": (self.batch_size >= 1, ">= 1"),
+            "lr": (self.lr > 0, "> 0"),
+            "val_fraction": (0 <= self.val_fraction < 1, "in [0, 1)"),
+            "train_subset": (self.train_subset is None or self.train_subset >= 1,
+                             ">= 1 or None"),
+            "width": (self.width >= 1, ">= 1"),
+            "recipe": (self.recipe in RECIPES, f"one of {RECIPES}"),
+        }
+        for name, (ok, expected) in rules.items():
+            if not ok:
+                raise ValueError(f"{name} must be {expected}, "
+                                 f"got {getattr(self, name)!r}")
+
+
+# A run of a few seconds on CPU, to check that everything works end to end.
+SMOKE = dict(epochs=2, train_subset=1024, width=8, batch_size=64)
+
+
+class TrainState(train_state.TrainState):
+    batch_stats: Any
+    dropout_key: jax.Array  # each step folds in its step number
+
+
+def create_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    if config.recipe == "seed":
+        return optax.adam(config.lr)
+    raise ValueError(f"recipe must be one of {RECIPES}, got {config.recipe!r}")
+
+
+def create_train_state(model, config: TrainConfig, key) -> TrainState:
+    """Initialises the model's variables and the optimiser from `key`."""
+    init_key, dropout_key = jax.random.split(key)
+    variables = jax.jit(model.init)(init_key, jnp.zeros((1, 32, 32, 3), jnp.float32))
+    return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                             batch_stats=variables["batch_stats"],
+                             tx=create_optimizer(config), dropout_key=dropout_key)
+
+
+def _as_float(images):
+    return images.astype(jnp.float32) / 255.0
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def train_step(state: TrainState, batch):
+    """One optimiser step on {'image': uint8 (B, 32, 32, 3), 'label': int (B,)}."""
+    dropout_key = jax.random.fold_in(state.dropout_key, state.step)
+
+    def loss_fn(params):
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats}, _as_float(batch["image"]),
+            train=True, mutable=["batch_stats"], rngs={"dropout": dropout_key})
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        return loss.mean(), (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    return state, {"loss": loss, "accuracy": accuracy}
+
+
+@jax.jit
+def eval_step(state: TrainState, batch):
+    """Per-example loss and correctness, in eval mode (running BatchNorm statistics)."""
+    logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats},
+                            _as_float(batch["image"]), train=False)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    return {"loss": loss, "correct": jnp.argmax(logits, -1) == batch["label"]}
+
+
+def evaluate(state, images, labels, batch_size: int):
+    """Per-example {'loss', 'correct'} numpy arrays over a whole set, fixed batch shapes."""
+    outputs = []
+    for start in range(0, len(labels), batch_size):
+        batch = {"image": images[start:start + batch_size],
+                 "label": labels[start:start + batch_size]}
+        n = len(batch["label"])
+        if n < batch_size:  # pad the last batch so that eval_step compiles once
+            batch = jax.tree.map(
+                lambda a: jnp.pad(a, [(0, batch_size - n)] + [(0, 0)] * (a.ndim - 1)), batch)
+        outputs.append(jax.tree.map(lambda a: a[:n], eval_step(state, batch)))
+    return jax.device_get(jax.tree.map(lambda *a: jnp.concatenate(a), *outputs))
+
+
+def train_epoch(state, images, labels, batch_size: int, key, bar):
+    """One shuffled pass (incomplete last batch dropped); returns the state and mean metrics."""
+    steps = len(labels) // batch_size
+    order = jax.random.permutation(key, len(labels))[:steps * batch_size]
+    metrics = []
+    for idx in order.reshape(steps, batch_size):
+        state, step_metrics = train_step(state, {"image": images[idx], "label": labels[idx]})
+        metrics.append(step_metrics)
+        bar.update()
+    metrics = jax.device_get(metrics)  # one host transfer per epoch
+    return state, {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
+
+
+def _summary(per_example, limit=None):
+    return {"accuracy": float(np.mean(per_example["correct"][:limit])),
+            "loss": float(np.mean(per_example["loss"][:limit]))}
+
+
+def train_and_evaluate(config: TrainConfig, *, model=None, data=None):
+    """Trains on the training split, validates every epoch, then tests.
+
+    Args:
+      config: the run's hyperparameters.
+      model: the module to train; default `CIFAR10CNN(width=config.width)`.
+      data: a `cifar10_data.Cifar10`; default `load_cifar10(config.data_dir)`.
+
+    Returns:
+      (model, state, metrics): metrics holds the per-epoch history, the final
+      validation accuracy, the test accuracy on the first 1,000 exact records and on
+      all records, the wall time and the device.
+    """
+    start = time.time()
+    model = model or CIFAR10CNN(width=config.width)
+    data = data or cifar10_data.load_cifar10(config.data_dir)
+    images, labels = data.train_images, data.train_labels
+    if config.train_subset:
+        images, labels = images[:config.train_subset], labels[:config.train_subset]
+    train_x, train_y, val_x, val_y = cifar10_data.split_train_val(
+        images, labels, config.val_fraction, config.seed)
+    if len(train_y) < config.batch_size:
+        raise ValueError(f"batch_size must be at most the {len(train_y)} training images "
+                         f"left after the split, got {config.batch_size}")
+    train_x, train_y, val_x, val_y, test_x, test_y = jax.device_put(
+        (train_x, train_y, val_x, val_y, data.test_images, data.test_labels))
+
+    init_key, order_key = jax.random.split(jax.random.key(config.seed))
+    state = create_train_state(model, config, init_key)
+    history = []
+    for epoch in range(config.epochs):
+        with tqdm(total=len(train_y) // config.batch_size, desc=f"epoch {epoch + 1}",
+                  disable=config.quiet, leave=False) as bar:
+            state, train_metrics = train_epoch(state, train_x, train_y, config.batch_size,
+                                               jax.random.fold_in(order_key, epoch), bar)
+            row = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in train_metrics.items()}}
+            if len(val_y):
+                val = _summary(evaluate(state, val_x, val_y, config.batch_size))
+                row.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+            bar.set_postfix({k: round(v, 4) for k, v in row.items() if k != "epoch"})
+        history.append(row)
+        if not config.quiet:
+            tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                for k, v in row.items()))
+    test = evaluate(state, test_x, test_y, config.batch_size)
+    metrics = {
+        "history": history,
+        "val_accuracy": history[-1].get("val_accuracy") if history else None,
+        "test_accuracy_first1000": _summary(test, EXACT_TEST_RECORDS)["accuracy"],
+        "test_accuracy": _summary(test)["accuracy"],
+        "test_loss": _summary(test)["loss"],
+        "wall_time_s": round(time.time() - start, 2),
+        "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
+    }
+    return model, state, metrics
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _atomic_write(path, write):
+    """Calls write(file) on a temporary file next to `path`, then renames it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from others
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _plain(tree):
+    """Converts a pytree to numpy arrays inside plain dicts and lists."""
+    if isinstance(tree, dict) or hasattr(tree, "items"):
+        return {str(k): _plain(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_plain(v) for v in tree]
+    if isinstance(tree, (jax.Array, np.ndarray)):
+        return np.asarray(jax.device_get(tree))
+    return tree
+
+
+def save_checkpoint(path, model, variables, config: Optional[TrainConfig] = None,
+                    metrics: Optional[dict] = None):
+    """Writes {'params', 'batch_stats', 'config', 'metrics'} atomically as a plain pickle."""
+    checkpoint = {
+        "params": _plain(variables["params"]),
+        "batch_stats": _plain(variables["batch_stats"]),
+        "config": {"model": model_config(model),
+                   "train": _plain(dataclasses.asdict(config)) if config else {}},
+        "metrics": _plain(metrics or {}),
+    }
+    _atomic_write(path, lambda f: pickle.dump(checkpoint, f, protocol=4))
+
+
+def load_checkpoint(path="cifar10_model.pkl"):
+    """Loads a checkpoint written by `save_checkpoint`, without running code from it.
+
+    Returns:
+      (model, variables): the rebuilt `CIFAR10CNN` and {'params', 'batch_stats'}, ready
+      for `model.apply(variables, images)`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; train one with "
+                                "`python train_cifar10.py --output PATH`")
+    try:
+        checkpoint = cifar10_data.safe_pickle_load(path)
+        model = CIFAR10CNN(**checkpoint["config"]["model"])
+        variables = {k: checkpoint[k] for k in ("params", "batch_stats")}
+    except Exception as e:
+        raise ValueError(f"checkpoint {str(path)!r} is not a readable cifar10-xai "
+                         f"checkpoint ({type(e).__name__}: {e})") from None
+    return model, variables
+
+
+def write_report(path, config: TrainConfig, model, metrics: dict):
+    """Writes the run's config and metrics as JSON."""
+    report = {"config": {"model": model_config(model), "train": dataclasses.asdict(config)},
+              **metrics}
+    _atomic_write(path, lambda f: f.write(json.dumps(report, indent=2).encode()))
+
+
+def plot_history(history, path):
+    """Saves train and validation loss and accuracy per epoch as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        for split in ("train", "val"):
+            if history and f"{split}_{metric}" in history[0]:
+                ax.plot(epochs, [row[f"{split}_{metric}"] for row in history], "o-",
+                        label=split)
+        ax.set(xlabel="epoch", ylabel=metric, title=metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per TrainConfig field, with the field's help text, plus --smoke."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type is bool:
+            parser.add_argument(flag, action="store_true", default=None,
+                                help=field.metadata["help"])
+            continue
+        kind = field.type  # Optional[X] parses as X
+        if typing.get_origin(kind) is typing.Union:
+            kind = typing.get_args(kind)[0]
+        parser.add_argument(flag, type=kind, default=None,
+                            choices=RECIPES if field.name == "recipe" else None,
+                            help=field.metadata["help"] + (
+                                f" (default: {field.default})" if field.default is not None
+                                else ""))
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"a few seconds on CPU: {SMOKE}, unless flags say otherwise")
+    return parser
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """Maps the flags 1:1 onto TrainConfig; --smoke starts from the SMOKE preset."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    base = TrainConfig(**SMOKE) if args.pop("smoke") else TrainConfig()
+    try:
+        return dataclasses.replace(base, **{k: v for k, v in args.items() if v is not None})
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def main(argv=None):
+    config = parse_args(argv)
+    try:
+        model, state, metrics = train_and_evaluate(config)
+    except cifar10_data.DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    save_checkpoint(config.output, model, variables, config, metrics)
+    write_report(Path(config.output).with_suffix(".json"), config, model, metrics)
+    plot_history(metrics["history"], config.history_plot)
+    print(f"test accuracy {metrics['test_accuracy_first1000']:.4f} on the first "
+          f"{EXACT_TEST_RECORDS} test records, {metrics['test_accuracy']:.4f} on all; "
+          f"wrote {config.output}, {Path(config.output).with_suffix('.json')}, "
+          f"{config.history_plot}")
+
+
+if __name__ == "__main__":
+    main()
