@@ -163,6 +163,13 @@ def train_epoch(state, images, labels, batch_size: int, key, bar):
     return state, {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
 
 
+def describe_device() -> str:
+    """E.g. 'gpu: NVIDIA H100 80GB HBM3 x1 (jax 0.11.0)' or 'cpu: 2 cores x1 (jax 0.10.2)'."""
+    device = jax.devices()[0]
+    kind = f"{os.cpu_count()} cores" if device.platform == "cpu" else device.device_kind
+    return f"{device.platform}: {kind} x{jax.device_count()} (jax {jax.__version__})"
+
+
 def _summary(per_example, limit=None):
     return {"accuracy": float(np.mean(per_example["correct"][:limit])),
             "loss": float(np.mean(per_example["loss"][:limit]))}
@@ -182,8 +189,10 @@ def train_and_evaluate(config: TrainConfig, *, model=None, data=None):
       all records, the wall time and the device.
     """
     start = time.time()
-    model = model or CIFAR10CNN(width=config.width)
-    data = data or cifar10_data.load_cifar10(config.data_dir)
+    if model is None:
+        model = CIFAR10CNN(width=config.width)
+    if data is None:
+        data = cifar10_data.load_cifar10(config.data_dir)
     images, labels = data.train_images, data.train_labels
     if config.train_subset:
         images, labels = images[:config.train_subset], labels[:config.train_subset]
@@ -220,7 +229,7 @@ def train_and_evaluate(config: TrainConfig, *, model=None, data=None):
         "test_accuracy": _summary(test)["accuracy"],
         "test_loss": _summary(test)["loss"],
         "wall_time_s": round(time.time() - start, 2),
-        "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}",
+        "device": describe_device(),
     }
     return model, state, metrics
 
@@ -304,6 +313,7 @@ def plot_history(history, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     epochs = [row["epoch"] for row in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -313,6 +323,7 @@ def plot_history(history, path):
                 ax.plot(epochs, [row[f"{split}_{metric}"] for row in history], "o-",
                         label=split)
         ax.set(xlabel="epoch", ylabel=metric, title=metric)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

@@ -51,8 +51,7 @@ def main(argv=None):
     elapsed = time.perf_counter() - start
 
     images_per_s = args.steps * args.batch_size / elapsed
-    device = jax.devices()[0]
-    print(f"device: {device.platform} {device.device_kind} (jax {jax.__version__})")
+    print(f"device: {tc.describe_device()}")
     print(f"batch {args.batch_size}, width {args.width}: compile+first step "
           f"{compile_s:.1f} s, {images_per_s:.1f} img/s over {args.steps} steps, "
           f"{EPOCH_IMAGES / images_per_s:.1f} s per epoch of {EPOCH_IMAGES:,} images")
