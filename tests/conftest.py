@@ -1,6 +1,7 @@
 """Shared fixtures: tiny models and synthetic CIFAR-10 files, built once per session."""
 
 import pickle
+import struct
 from pathlib import Path
 
 import jax
@@ -42,8 +43,31 @@ def write_binary_layout(folder, rng, records=RECORDS):
     return (np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train])), test
 
 
-def write_python_layout(folder, train, test, records=RECORDS):
-    """Writes the same arrays in the python (pickle) layout."""
+class Py2Pickler(pickle._Pickler):
+    """Writes pickles the way the official Python 2 files are: str as BINSTRING opcodes
+    and numpy's reconstructor under its old `numpy.core.multiarray` name."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_py2_str(self, obj):
+        obj = obj.encode("latin1") if isinstance(obj, str) else obj
+        n = len(obj)
+        self.write((pickle.SHORT_BINSTRING + bytes([n]) if n < 256
+                    else pickle.BINSTRING + struct.pack("<i", n)) + obj)
+        self.memoize(obj)
+
+    def save_global(self, obj, name=None):
+        module = {"numpy._core.multiarray": "numpy.core.multiarray"}.get(
+            obj.__module__, obj.__module__)
+        self.write(pickle.GLOBAL + f"{module}\n{name or obj.__qualname__}\n".encode())
+        self.memoize(obj)
+
+    dispatch[bytes] = dispatch[str] = save_py2_str
+    dispatch[type] = save_global
+
+
+def write_python_layout(folder, train, test, records=RECORDS, py2=True):
+    """Writes the same arrays in the python (pickle) layout, Python 2 style by default."""
     folder.mkdir(parents=True, exist_ok=True)
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     images = np.concatenate([train[0], test[0]])
@@ -54,7 +78,10 @@ def write_python_layout(folder, train, test, records=RECORDS):
                  b"labels": labels[k * records:(k + 1) * records].tolist(),
                  b"batch_label": name.encode()}
         with open(folder / name, "wb") as f:
-            pickle.dump(batch, f, protocol=2)
+            if py2:
+                Py2Pickler(f, protocol=2).dump(batch)
+            else:  # as Python 3 re-pickles it: bytes go through _codecs.encode
+                pickle.dump(batch, f, protocol=2)
 
 
 @pytest.fixture(scope="session")

@@ -43,6 +43,8 @@ def test_binary_and_python_layouts_load_the_same_arrays(binary_dataset, tmp_path
     assert_matches(load_folder(folder.parent, RECORDS), train, test)
     write_python_layout(tmp_path / "cifar-10-batches-py", train, test)
     assert_matches(load_folder(tmp_path, RECORDS), train, test)
+    write_python_layout(tmp_path / "py3" / "cifar-10-batches-py", train, test, py2=False)
+    assert_matches(load_folder(tmp_path / "py3", RECORDS), train, test)
 
 
 def test_cifar10_dir_is_the_default_folder(binary_dataset, monkeypatch):
