@@ -261,9 +261,9 @@ def _atomic_write(path, write):
 
 
 def _plain(tree):
-    """Converts a pytree to numpy arrays inside plain dicts and lists."""
+    """Converts a pytree to numpy arrays inside plain dicts and lists; drops None values."""
     if isinstance(tree, dict) or hasattr(tree, "items"):
-        return {str(k): _plain(v) for k, v in tree.items()}
+        return {str(k): _plain(v) for k, v in tree.items() if v is not None}
     if isinstance(tree, (list, tuple)):
         return [_plain(v) for v in tree]
     if isinstance(tree, (jax.Array, np.ndarray)):
