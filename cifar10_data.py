@@ -15,6 +15,7 @@ import os
 import pickle
 import tarfile
 import tempfile
+import warnings
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -211,21 +212,28 @@ def load_tfds(tfds_data_dir) -> Optional[Cifar10]:
     if not builder.is_prepared():
         return None
     if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
-        splits = {}
-        for split in ("train", "test"):
+        def read(split):
             source = builder.as_data_source(split=split)
             records = [source[i] for i in range(len(source))]
-            splits[split] = (np.stack([r["image"] for r in records]).astype(np.uint8),
-                             np.array([r["label"] for r in records], np.int32))
+            return (np.stack([r["image"] for r in records]),
+                    np.array([r["label"] for r in records]))
     elif _has_tensorflow():
-        splits = {}
-        for split in ("train", "test"):
-            images, labels = tfds.as_numpy(builder.as_dataset(
-                split=split, batch_size=-1, as_supervised=True))
-            splits[split] = (images.astype(np.uint8), labels.astype(np.int32))
+        def read(split):
+            return tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1,
+                                                    as_supervised=True))
     else:
+        warnings.warn(f"{builder.data_dir} holds a tfrecord copy of cifar10, which needs "
+                      "TensorFlow; it is not installed, so this copy is skipped")
         return None
-    return Cifar10(*splits["train"], *splits["test"])
+    arrays = []
+    for split in ("train", "test"):
+        images, labels = read(split)
+        if images.shape[1:] != (32, 32, 3) or len(images) != len(labels):
+            raise DataError(f"{builder.data_dir}: tfds split {split!r} has images "
+                            f"{images.shape} and {len(labels)} labels, expected (N, 32, 32, 3)")
+        _check_labels(labels, f"{builder.data_dir} ({split})")
+        arrays += [images.astype(np.uint8), labels.astype(np.int32)]
+    return Cifar10(*arrays)
 
 
 def default_cache_dir() -> Path:

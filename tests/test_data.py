@@ -5,6 +5,7 @@ import pickle
 import socket
 import tarfile
 import threading
+import types
 from pathlib import Path
 
 import numpy as np
@@ -248,3 +249,64 @@ def test_unprepared_tfds_dir_falls_through(tmp_path):
     (tmp_path / "cifar10").mkdir()
     assert cifar10_data.load_tfds(tmp_path) is None
     assert cifar10_data.load_tfds(tmp_path / "absent") is None
+
+
+class _FakeBuilder:
+    """Stands in for a prepared tfds `cifar10` builder (preparing one needs TensorFlow)."""
+
+    def __init__(self, file_format, splits):
+        self.info = types.SimpleNamespace(file_format=file_format)
+        self.data_dir = "/tfds/cifar10/3.0.2"
+        self.splits = splits
+
+    def is_prepared(self):
+        return True
+
+    def as_data_source(self, split):
+        images, labels = self.splits[split]
+        return [{"id": str(i), "image": x, "label": y}
+                for i, (x, y) in enumerate(zip(images, labels))]
+
+
+@pytest.fixture
+def fake_tfds(binary_dataset, monkeypatch, tmp_path):
+    import tensorflow_datasets as tfds
+
+    _, train, test = binary_dataset
+    (tmp_path / "cifar10").mkdir()
+
+    def install(file_format, splits={"train": train, "test": test}):
+        fake = types.SimpleNamespace(builder=lambda name, data_dir: _FakeBuilder(
+            file_format, splits), core=tfds.core)
+        monkeypatch.setattr(cifar10_data, "_import_tfds", lambda: fake)
+        return tmp_path
+
+    return install
+
+
+def test_tfds_array_record_copy_reads_without_tensorflow(binary_dataset, fake_tfds):
+    import tensorflow_datasets as tfds
+
+    _, train, test = binary_dataset
+    folder = fake_tfds(tfds.core.FileFormat.ARRAY_RECORD)
+    assert_matches(cifar10_data.load_tfds(folder), train, test)
+
+
+def test_tfds_tfrecord_copy_without_tensorflow_is_skipped_with_a_warning(fake_tfds,
+                                                                         monkeypatch):
+    import tensorflow_datasets as tfds
+
+    monkeypatch.setattr(cifar10_data, "_has_tensorflow", lambda: False)
+    folder = fake_tfds(tfds.core.FileFormat.TFRECORD)
+    with pytest.warns(UserWarning, match="tfrecord copy of cifar10, which needs TensorFlow"):
+        assert cifar10_data.load_tfds(folder) is None
+
+
+def test_tfds_copy_with_bad_labels_is_refused(binary_dataset, fake_tfds):
+    import tensorflow_datasets as tfds
+
+    _, train, test = binary_dataset
+    folder = fake_tfds(tfds.core.FileFormat.ARRAY_RECORD,
+                       {"train": (train[0], train[1] + 10), "test": test})
+    with pytest.raises(DataError, match=r"\(train\): record 0 has label byte 10"):
+        cifar10_data.load_tfds(folder)

@@ -214,7 +214,16 @@ def test_main_writes_checkpoint_report_and_plot(synthetic_data, tmp_path, monkey
     assert (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     model, _ = tc.load_checkpoint(out)
     assert model.width == 4
-    assert "test accuracy" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "test accuracy" in captured.out
+    assert captured.err == ""  # --quiet: no progress bars
+
+
+def test_batch_larger_than_the_training_split_is_refused(synthetic_data):
+    config = dataclasses.replace(CONFIG, batch_size=64)  # 48 images after a 25 % split
+    with pytest.raises(ValueError, match="batch_size must be at most the 48 training images "
+                                         "left after the split, got 64"):
+        tc.train_and_evaluate(config, data=synthetic_data)
 
 
 def test_main_reports_missing_data_without_a_traceback(monkeypatch, tmp_path):
