@@ -74,10 +74,8 @@ class CIFAR10CNN(nn.Module):
     dropout_rate: float = 0.5
 
     def setup(self):
-        self.blocks = [
-                ConvBlock(self.width * 2**i, n, name=f"block{i + 1}")
-                for i, n in enumerate(CONVS_PER_BLOCK)
-        ]
+        self.blocks = [ConvBlock(self.width * 2**i, n, name=f"block{i + 1}")
+                       for i, n in enumerate(CONVS_PER_BLOCK)]
         self.head = Head(8 * self.width, self.num_classes, self.dropout_rate)
 
     def features(self, x, *, train: bool = False) -> Dict[str, jnp.ndarray]:
@@ -109,4 +107,4 @@ class CIFAR10CNN(nn.Module):
 def model_config(model: CIFAR10CNN) -> Dict[str, object]:
     """The constructor arguments that rebuild `model`, as plain JSON-able values."""
     return {"num_classes": model.num_classes, "width": model.width,
-                    "dropout_rate": model.dropout_rate}
+            "dropout_rate": model.dropout_rate}

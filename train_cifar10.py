@@ -271,14 +271,19 @@ def _plain(tree):
     return tree
 
 
+def _run_config(model, config: Optional[TrainConfig]) -> dict:
+    """What rebuilds the model, and the training config that produced it."""
+    return {"model": model_config(model),
+            "train": dataclasses.asdict(config) if config else {}}
+
+
 def save_checkpoint(path, model, variables, config: Optional[TrainConfig] = None,
                     metrics: Optional[dict] = None):
     """Writes {'params', 'batch_stats', 'config', 'metrics'} atomically as a plain pickle."""
     checkpoint = {
         "params": _plain(variables["params"]),
         "batch_stats": _plain(variables["batch_stats"]),
-        "config": {"model": model_config(model),
-                   "train": _plain(dataclasses.asdict(config)) if config else {}},
+        "config": _plain(_run_config(model, config)),
         "metrics": _plain(metrics or {}),
     }
     _atomic_write(path, lambda f: pickle.dump(checkpoint, f, protocol=4))
@@ -307,8 +312,7 @@ def load_checkpoint(path="cifar10_model.pkl"):
 
 def write_report(path, config: TrainConfig, model, metrics: dict):
     """Writes the run's config and metrics as JSON."""
-    report = {"config": {"model": model_config(model), "train": dataclasses.asdict(config)},
-              **metrics}
+    report = {"config": _run_config(model, config), **metrics}
     _atomic_write(path, lambda f: f.write(json.dumps(report, indent=2).encode()))
 
 

@@ -108,6 +108,13 @@ def test_train_and_evaluate_reports_history_and_both_test_accuracies(trained):
     assert metrics["device"].startswith("cpu")
 
 
+def test_test_accuracy_is_reported_on_the_exact_first_1000_records():
+    per_example = {"correct": np.r_[np.ones(1000, bool), np.zeros(1000, bool)],
+                   "loss": np.r_[np.zeros(1000), np.ones(1000)]}
+    assert tc._summary(per_example, tc.EXACT_TEST_RECORDS) == {"accuracy": 1.0, "loss": 0.0}
+    assert tc._summary(per_example) == {"accuracy": 0.5, "loss": 0.5}
+
+
 def test_same_seed_gives_identical_params(trained, synthetic_data):
     _, state, _ = trained
     _, again, _ = tc.train_and_evaluate(CONFIG, data=synthetic_data)
