@@ -63,7 +63,6 @@ class Py2Pickler(pickle._Pickler):
         self.memoize(obj)
 
     dispatch[bytes] = dispatch[str] = save_py2_str
-    dispatch[type] = save_global
 
 
 def write_python_layout(folder, train, test, records=RECORDS, py2=True):

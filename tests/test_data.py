@@ -2,6 +2,7 @@ import hashlib
 import http.server
 import io
 import pickle
+import pickletools
 import socket
 import tarfile
 import threading
@@ -43,6 +44,10 @@ def test_binary_and_python_layouts_load_the_same_arrays(binary_dataset, tmp_path
     # The parent folder works too, and so does the python layout.
     assert_matches(load_folder(folder.parent, RECORDS), train, test)
     write_python_layout(tmp_path / "cifar-10-batches-py", train, test)
+    ops = [(op.name, arg) for op, arg, _ in
+           pickletools.genops((tmp_path / "cifar-10-batches-py" / "test_batch").read_bytes())]
+    assert ("GLOBAL", "numpy.core.multiarray _reconstruct") in ops  # as Python 2 wrote it
+    assert ("SHORT_BINSTRING", "data") in ops and ("GLOBAL", "_codecs encode") not in ops
     assert_matches(load_folder(tmp_path, RECORDS), train, test)
     write_python_layout(tmp_path / "py3" / "cifar-10-batches-py", train, test, py2=False)
     assert_matches(load_folder(tmp_path / "py3", RECORDS), train, test)

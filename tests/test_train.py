@@ -115,11 +115,14 @@ def test_test_accuracy_is_reported_on_the_exact_first_1000_records():
     assert tc._summary(per_example) == {"accuracy": 0.5, "loss": 0.5}
 
 
-def test_same_seed_gives_identical_params(trained, synthetic_data):
+def test_same_seed_gives_identical_params_and_another_seed_does_not(trained, synthetic_data):
     _, state, _ = trained
     _, again, _ = tc.train_and_evaluate(CONFIG, data=synthetic_data)
     same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), state.params, again.params)
     assert all(jax.tree.leaves(same))
+    _, other, _ = tc.train_and_evaluate(dataclasses.replace(CONFIG, seed=1), data=synthetic_data)
+    differ = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state.params, other.params)
+    assert all(jax.tree.leaves(differ))  # the seed really reaches the initialisation
 
 
 def _plain_types(tree):
