@@ -11,7 +11,7 @@ The network is split into `features` (image -> every named activation) and
 logits with respect to any block output with plain `jax.grad`, without hooks.
 """
 
-from typing import Dict
+from typing import ClassVar, Dict, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -72,6 +72,7 @@ class CIFAR10CNN(nn.Module):
     num_classes: int = 10
     width: int = 64
     dropout_rate: float = 0.5
+    layer_names: ClassVar[Tuple[str, ...]] = LAYER_NAMES  # what explainers may target
 
     def setup(self):
         self.blocks = [ConvBlock(self.width * 2**i, n, name=f"block{i + 1}")

@@ -1,0 +1,270 @@
+"""Explains a trained CIFAR-10 CNN on test images and writes the figures to xai_results/.
+
+    python demo_xai.py                                   # cifar10_model.pkl, 16 images
+    python demo_xai.py --checkpoint PATH --num-images 8 --seed 1
+
+It predicts the first --num-eval test records (default 1,000: the exact ones), then draws
+  detailed_*.png        one image each: overlays and heatmaps (GradCAM, saliency,
+                        SmoothGrad), class-specific GradCAM, top-3 probabilities;
+  batch_gradcam.png     --num-images images with GradCAM overlays and heatmaps;
+  misclassified.png     GradCAM for the predicted and for the true class, side by side;
+  confusion_matrix.png  over every evaluated image.
+"""
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+import cifar10_data
+from cifar10_data import CLASS_NAMES
+from train_cifar10 import EXACT_TEST_RECORDS, load_checkpoint
+from xai_visualizations import GradCAM, SaliencyMap, check_images, overlay
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    checkpoint: str = "cifar10_model.pkl"  # written by train_cifar10.py
+    data_dir: Optional[str] = None         # default: $CIFAR10_DIR, then tfds, then download
+    output_dir: str = "xai_results"
+    num_images: int = 16                   # images in the batch grid
+    num_detailed: int = 3                   # images with a detailed figure each
+    num_eval: int = EXACT_TEST_RECORDS      # test records predicted for the error analysis
+    num_misclassified: int = 6             # rows of the misclassification figure
+    smoothgrad_samples: int = 50
+    seed: int = 0                           # picks the images and seeds SmoothGrad
+    quiet: bool = False
+
+
+def predict(model, variables, images, batch_size=250, quiet=False):
+    """Softmax probabilities (N, 10) for uint8 images, in jitted batches."""
+    forward = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x / 255.0)))
+    probs = []
+    for start in tqdm(range(0, len(images), batch_size), desc="predict", disable=quiet,
+                      leave=False):
+        batch = images[start:start + batch_size]
+        pad = batch_size - len(batch)  # a fixed shape compiles once
+        batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], batch.dtype)])
+        probs.append(np.asarray(forward(variables, batch))[:batch_size - pad])
+    return np.concatenate(probs)
+
+
+def _label(i):
+    return CLASS_NAMES[int(i)]
+
+
+def _show(ax, image, title=None, **kwargs):
+    ax.imshow(image, **kwargs)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=8)
+
+
+def _heatmap(fig, ax, heatmap, title, **kwargs):
+    _show(ax, heatmap, title, cmap="jet", **kwargs)
+    fig.colorbar(ax.images[-1], ax=ax, fraction=0.046, pad=0.04)
+
+
+def plot_detailed(plt, path, image, label, probs, maps, class_maps, class_targets):
+    """Original, three overlays, three heatmaps, top-3 bars and class-specific GradCAM."""
+    pred = int(np.argmax(probs))
+    fig, axes = plt.subplots(3, 4, figsize=(13, 10))
+    mark = "correct" if pred == label else "WRONG"
+    _show(axes[0, 0], image, f"original\ntrue: {_label(label)}, pred: {_label(pred)} "
+          f"({probs[pred]:.2f}, {mark})")
+    for k, (name, heatmap) in enumerate(maps.items(), 1):
+        _show(axes[0, k], overlay(image, heatmap), f"{name} overlay")
+        _heatmap(fig, axes[1, k], heatmap, f"{name} heatmap", vmin=0, vmax=1)
+    top3 = np.argsort(probs)[::-1][:3]
+    axes[1, 0].barh([_label(c) for c in top3][::-1], probs[top3][::-1], color="tab:blue")
+    axes[1, 0].set(xlim=(0, 1), title="top-3 probabilities")
+    for k, c in enumerate(top3):
+        axes[1, 0].text(min(probs[c], 0.75) + 0.02, 2 - k, f"{probs[c]:.3f}", va="center")
+    # Raw maps on one colour scale, so that the classes' evidence can be compared.
+    vmax = max(float(class_maps.max()), 1e-12)
+    for k, (c, heatmap) in enumerate(zip(class_targets, class_maps)):
+        roles = [f"top-{list(top3).index(c) + 1}"] if c in top3 else []
+        role = ", ".join(roles + (["true class"] if c == label else []))
+        _heatmap(fig, axes[2, k], heatmap, f"GradCAM for {_label(c)} ({role})\n"
+                 f"p={probs[c]:.3f}, raw, shared scale", vmin=0, vmax=vmax)
+    for ax in axes[2, len(class_targets):]:
+        ax.axis("off")
+    fig.suptitle(f"{Path(path).stem}: true {_label(label)}, predicted {_label(pred)}")
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the suptitle
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_batch(plt, path, images, labels, preds, heatmaps, per_band=8):
+    """Bands of three rows: original with its label, GradCAM overlay, heatmap."""
+    bands = -(-len(images) // per_band)
+    fig, axes = plt.subplots(3 * bands, per_band, figsize=(1.6 * per_band, 5.2 * bands),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (image, label, pred, heatmap) in enumerate(zip(images, labels, preds, heatmaps)):
+        row, col = 3 * (i // per_band), i % per_band
+        ok = pred == label
+        _show(axes[row, col], image, f"true: {_label(label)}")
+        _show(axes[row + 1, col], overlay(image, heatmap),
+              f"{'✓' if ok else '✗'} pred: {_label(pred)}")
+        axes[row + 1, col].title.set_color("green" if ok else "red")
+        _show(axes[row + 2, col], heatmap, "GradCAM", cmap="jet", vmin=0, vmax=1)
+    fig.suptitle(f"GradCAM (conv3) on {len(images)} test images: "
+                 f"{int(np.sum(preds == labels))} correct")
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the suptitle
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_misclassified(plt, path, images, labels, probs, pred_maps, true_maps, pool_size):
+    """Per row: the image, GradCAM for the predicted class, GradCAM for the true class."""
+    rows = max(len(images), 1)
+    fig, axes = plt.subplots(rows, 3, figsize=(7.5, 2.6 * rows), squeeze=False)
+    if not len(images):
+        for ax in axes.flat:
+            ax.axis("off")
+        axes[0, 1].text(0.5, 0.5, f"no misclassified images\namong {pool_size}",
+                        ha="center", va="center")
+    for row, (image, label, p, pred_map, true_map) in enumerate(
+            zip(images, labels, probs, pred_maps, true_maps)):
+        pred = int(np.argmax(p))
+        _show(axes[row, 0], image, f"true {_label(label)}, predicted {_label(pred)}")
+        _show(axes[row, 1], overlay(image, pred_map),
+              f"GradCAM predicted: {_label(pred)} (p={p[pred]:.2f})")
+        _show(axes[row, 2], overlay(image, true_map),
+              f"GradCAM true: {_label(label)} (p={p[label]:.2f})")
+    fig.suptitle(f"Misclassified test images ({len(images)} shown)")
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the suptitle
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def plot_confusion(plt, path, labels, preds):
+    """Counts of (true, predicted) pairs, with the accuracy in the title."""
+    counts = np.zeros((len(CLASS_NAMES),) * 2, int)
+    np.add.at(counts, (labels, preds), 1)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ax.imshow(counts, cmap="Blues")
+    ax.set_xticks(range(len(CLASS_NAMES)), CLASS_NAMES, rotation=45, ha="right")
+    ax.set_yticks(range(len(CLASS_NAMES)), CLASS_NAMES)
+    ax.set(xlabel="predicted", ylabel="true")
+    for (i, j), n in np.ndenumerate(counts):
+        ax.text(j, i, n, ha="center", va="center", fontsize=7,
+                color="white" if n > counts.max() / 2 else "black")
+    ax.set_title(f"Confusion matrix, {len(labels)} test images, accuracy "
+                 f"{np.mean(labels == preds):.1%}")
+    fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the suptitle
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def run_demo(config: DemoConfig, model, variables, data: cifar10_data.Cifar10):
+    """Writes every figure into `config.output_dir`; returns the paths written."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    n_eval = min(config.num_eval, len(data.test_images))
+    test_u8, labels = data.test_images[:n_eval], data.test_labels[:n_eval]
+    probs = predict(model, variables, test_u8, quiet=config.quiet)
+    preds = probs.argmax(axis=1)
+
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    gradcam, saliency = GradCAM(model, target_layer="conv3"), SaliencyMap(model)
+    rng = np.random.default_rng(config.seed)
+    chosen = np.sort(rng.choice(n_eval, size=min(config.num_images, n_eval), replace=False))
+    images = np.asarray(check_images(test_u8[chosen])[0])
+    written = []
+
+    detailed = chosen[:config.num_detailed]
+    for k, i in enumerate(tqdm(detailed, desc="detailed", disable=config.quiet,
+                               leave=False)):
+        image, label = images[k], int(labels[i])
+        maps = {"GradCAM": gradcam.compute_gradcam(params, batch_stats, image)[0],
+                "saliency": saliency.compute_saliency(params, batch_stats, image)[0],
+                "SmoothGrad": saliency.compute_smooth_saliency(
+                    params, batch_stats, image, n_samples=config.smoothgrad_samples,
+                    seed=config.seed)[0]}
+        targets = list(np.argsort(probs[i])[::-1][:3])
+        targets += [] if label in targets else [label]
+        class_maps = gradcam.compute_gradcam(params, batch_stats,
+                                             np.repeat(image[None], len(targets), 0),
+                                             np.asarray(targets), normalize=False)[0]
+        path = out / f"detailed_{k + 1}_test{i}.png"
+        plot_detailed(plt, path, image, label, probs[i], maps, class_maps, targets)
+        written.append(path)
+
+    heatmaps = gradcam.compute_gradcam(params, batch_stats, images)[0]
+    written.append(out / "batch_gradcam.png")
+    plot_batch(plt, written[-1], images, labels[chosen], preds[chosen], heatmaps)
+
+    wrong = np.flatnonzero(preds != labels)
+    wrong = np.sort(rng.permutation(wrong)[:config.num_misclassified])
+    wrong_images = np.asarray(check_images(test_u8[wrong])[0]) if len(wrong) else wrong
+    pred_maps = true_maps = wrong_images
+    if len(wrong):
+        pred_maps = gradcam.compute_gradcam(params, batch_stats, wrong_images)[0]
+        true_maps = gradcam.compute_gradcam(params, batch_stats, wrong_images,
+                                            labels[wrong])[0]
+    written.append(out / "misclassified.png")
+    plot_misclassified(plt, written[-1], wrong_images, labels[wrong], probs[wrong],
+                       pred_maps, true_maps, n_eval)
+
+    written.append(out / "confusion_matrix.png")
+    plot_confusion(plt, written[-1], labels, preds)
+    if not config.quiet:
+        print(f"accuracy {np.mean(preds == labels):.1%} on the first {n_eval} test records")
+    return written
+
+
+def parse_args(argv=None) -> DemoConfig:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    defaults = DemoConfig()
+    parser.add_argument("--checkpoint", default=defaults.checkpoint,
+                        help="checkpoint written by train_cifar10.py (default: %(default)s)")
+    parser.add_argument("--data-dir", default=None,
+                        help="CIFAR-10 folder; default: $CIFAR10_DIR, then tfds, then download")
+    parser.add_argument("--output-dir", default=defaults.output_dir,
+                        help="where the figures go (default: %(default)s)")
+    for name, text in [("num_images", "test images in the batch grid"),
+                       ("num_detailed", "images with a detailed figure each"),
+                       ("num_eval", "first test records predicted for the error analysis"),
+                       ("num_misclassified", "rows of the misclassification figure"),
+                       ("smoothgrad_samples", "noisy samples per SmoothGrad map"),
+                       ("seed", "picks the images and seeds SmoothGrad")]:
+        parser.add_argument("--" + name.replace("_", "-"), type=int,
+                            default=getattr(defaults, name),
+                            help=f"{text} (default: %(default)s)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    args = parser.parse_args(argv)
+    minimum = {"num_images": 1, "num_detailed": 0, "num_eval": 1, "num_misclassified": 0,
+               "smoothgrad_samples": 1, "seed": 0}
+    for name, low in minimum.items():
+        if getattr(args, name) < low:
+            parser.error(f"--{name.replace('_', '-')} must be >= {low}, "
+                         f"got {getattr(args, name)}")
+    return DemoConfig(**vars(args))
+
+
+def main(argv=None):
+    config = parse_args(argv)
+    try:
+        model, variables = load_checkpoint(config.checkpoint)
+        data = cifar10_data.load_cifar10(config.data_dir)
+    except (FileNotFoundError, ValueError, cifar10_data.DataError) as e:
+        raise SystemExit(f"error: {e}") from None
+    written = run_demo(config, model, variables, data)
+    if not config.quiet:
+        print("wrote:\n" + "\n".join(f"  {path}" for path in written))
+
+
+if __name__ == "__main__":
+    main()
