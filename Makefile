@@ -14,13 +14,17 @@ $(VENV)/.installed: requirements.txt
 test: $(VENV)/.installed
 	$(PY) -m pytest
 
-# Until the explainer demo lands: a smoke model, kept apart from cifar10_model.pkl.
+# Your own cifar10_model.pkl when it exists; otherwise a smoke model trained in seconds.
+CHECKPOINT ?= $(if $(wildcard cifar10_model.pkl),cifar10_model.pkl,xai_results/smoke_model.pkl)
+
 demo: $(VENV)/.installed
-	$(PY) train_cifar10.py --smoke --output xai_results/smoke_model.pkl \
+	test -f $(CHECKPOINT) || $(PY) train_cifar10.py --smoke --output $(CHECKPOINT) \
 		--history-plot xai_results/training_history.png
+	$(PY) demo_xai.py --checkpoint $(CHECKPOINT)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_xai.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache xai_results

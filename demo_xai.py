@@ -88,12 +88,11 @@ def plot_detailed(plt, path, image, label, probs, maps, class_maps, class_target
     # Raw maps on one colour scale, so that the classes' evidence can be compared.
     vmax = max(float(class_maps.max()), 1e-12)
     for k, (c, heatmap) in enumerate(zip(class_targets, class_maps)):
-        roles = [f"top-{list(top3).index(c) + 1}"] if c in top3 else []
+        rank = int(np.sum(probs > probs[c])) + 1
+        roles = [f"top-{rank}"] if rank <= 4 else []
         role = ", ".join(roles + (["true class"] if c == label else []))
         _heatmap(fig, axes[2, k], heatmap, f"GradCAM for {_label(c)} ({role})\n"
                  f"p={probs[c]:.3f}, raw, shared scale", vmin=0, vmax=vmax)
-    for ax in axes[2, len(class_targets):]:
-        ax.axis("off")
     fig.suptitle(f"{Path(path).stem}: true {_label(label)}, predicted {_label(pred)}")
     fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the suptitle
     fig.savefig(path, dpi=80)
@@ -193,8 +192,10 @@ def run_demo(config: DemoConfig, model, variables, data: cifar10_data.Cifar10):
                 "SmoothGrad": saliency.compute_smooth_saliency(
                     params, batch_stats, image, n_samples=config.smoothgrad_samples,
                     seed=config.seed)[0]}
-        targets = list(np.argsort(probs[i])[::-1][:3])
-        targets += [] if label in targets else [label]
+        # The top-3 and the true class; the top-4th when the true class is in the top-3,
+        # so that every call has the same shape and compiles once.
+        ranked = list(np.argsort(probs[i])[::-1])
+        targets = ranked[:3] + ([ranked[3]] if label in ranked[:3] else [label])
         class_maps = gradcam.compute_gradcam(params, batch_stats,
                                              np.repeat(image[None], len(targets), 0),
                                              np.asarray(targets), normalize=False)[0]

@@ -1,0 +1,88 @@
+"""demo_xai.py end to end on a tiny trained checkpoint and synthetic CIFAR-10 files."""
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import cifar10_data
+import demo_xai
+import train_cifar10 as tc
+
+CONFIG = tc.TrainConfig(epochs=1, batch_size=16, lr=1e-2, width=4, val_fraction=0.2,
+                        quiet=True)
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def data(binary_dataset):
+    """The synthetic files' arrays (100 train, 20 test images), read by the real reader."""
+    folder, _, _ = binary_dataset
+    return cifar10_data.load_folder(folder, records=20)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(data, tmp_path_factory):
+    model, state, metrics = tc.train_and_evaluate(CONFIG, data=data)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pkl"
+    tc.save_checkpoint(path, model, {"params": state.params,
+                                     "batch_stats": state.batch_stats}, CONFIG, metrics)
+    return path
+
+
+def test_demo_writes_every_figure(checkpoint, data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cifar10_data, "load_cifar10", lambda data_dir: data)
+    out = tmp_path / "xai_results"
+    demo_xai.main(["--checkpoint", str(checkpoint),
+                   "--output-dir", str(out), "--num-images", "6", "--num-detailed", "2",
+                   "--smoothgrad-samples", "4", "--seed", "1"])
+    printed = capsys.readouterr().out
+    detailed = sorted(out.glob("detailed_*.png"))
+    expected = detailed + [out / name for name in
+                           ("batch_gradcam.png", "misclassified.png", "confusion_matrix.png")]
+    assert len(detailed) == 2
+    for path in expected:
+        assert path.read_bytes()[:8] == PNG and path.stat().st_size > 5000, path
+        assert str(path) in printed
+    assert sorted(out.iterdir()) == sorted(expected)
+    assert f"on the first {len(data.test_labels)} test records" in printed
+
+
+def test_demo_without_checkpoint_says_how_to_get_one(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        demo_xai.main(["--checkpoint", str(tmp_path / "missing.pkl"), "--quiet"])
+    assert "does not exist; train one with" in str(info.value)
+
+
+def test_demo_refuses_bad_counts(capsys):
+    with pytest.raises(SystemExit):
+        demo_xai.main(["--num-images", "0"])
+    assert "--num-images must be >= 1, got 0" in capsys.readouterr().err
+
+
+def _readme_block(heading):
+    """The first ```python block after `heading` in the README."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    after = text[text.index(heading):]
+    start = after.index("```python\n") + len("```python\n")
+    return after[start:after.index("```", start)]
+
+
+def test_seed_custom_xai_snippet_runs_as_written(data, tmp_path, monkeypatch):
+    """The README's snippet, unchanged, on a width-64 checkpoint from train_cifar10.main."""
+    monkeypatch.setattr(cifar10_data, "load_cifar10", lambda data_dir: data)
+    monkeypatch.chdir(tmp_path)
+    tc.main(["--epochs", "1", "--batch-size", "16", "--val-fraction", "0.2", "--quiet",
+             "--history-plot", "history.png"])
+    image = data.test_images[3] / np.float32(255)
+    scope = {"your_image": image}
+    exec(_readme_block("### Custom XAI analysis"), scope)
+    for name in ("heatmap", "saliency_map", "smooth_sal"):
+        assert scope[name].shape == (32, 32) and 0 <= scope[name].min() <= 1
+        assert scope[name].max() == pytest.approx(1, abs=1e-4)
+    model, variables = tc.load_checkpoint(tmp_path / "cifar10_model.pkl")
+    logits = model.apply(variables, image[None])
+    assert scope["pred_class"] == int(np.argmax(logits))
+    assert scope["score"] == pytest.approx(float(jax.nn.softmax(logits).max()), rel=1e-5)
+    assert scope["overlay"].shape == (32, 32, 3)
