@@ -3,19 +3,20 @@
     python benchmarks/bench_xai.py [--batch-size 64] [--repeats 20] [--width 64]
 
 Prints images/s for GradCAM (conv3) and saliency on batches of --batch-size, and ms per
-image for SmoothGrad with 50 samples, explained one image at a time: the public
+image for SmoothGrad with 50 samples, explained one image at a time, next to the model's
+plain forward pass (what any explainer costs at least): the public
 `GradCAM` / `SaliencyMap` calls, input checks and the copy back to numpy included.
-`--plain-jit` also times the same jitted functions without the XLA:CPU options that
+`--plain-jit` also times the same calls jitted without the XLA:CPU options that
 `xai_visualizations` sets, to show what they buy. Every timing comes after a warm-up call
 that compiles, and is the median of --repeats calls.
 """
 
 import argparse
-import functools
 import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -24,7 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import xai_visualizations as xv  # noqa: E402
-from cifar10_cnn_model import CIFAR10CNN  # noqa: E402
+from cifar10_cnn_model import CONVS_PER_BLOCK, CIFAR10CNN  # noqa: E402
 from train_cifar10 import describe_device  # noqa: E402
 
 
@@ -49,49 +50,77 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=64, help="64 is the reference network")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plain-jit", action="store_true",
-                        help="also time the functions jitted without the CPU options")
+                        help="also time the calls jitted without the CPU options")
+    parser.add_argument("--conv-layers", action="store_true",
+                        help="also time each conv layer alone (GFLOP/s) at --batch-size")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
     model = CIFAR10CNN(width=args.width)
     key = jax.random.key(args.seed)
     variables = jax.jit(model.init)(key, jnp.zeros((1, 32, 32, 3)))
-    params, batch_stats = variables["params"], variables["batch_stats"]
     images = jax.random.uniform(key, (args.batch_size, 32, 32, 3))
-    gradcam, saliency = xv.GradCAM(model, "conv3"), xv.SaliencyMap(model)
+    print(f"device: {describe_device()}; width {args.width}")
+    settings = [xv._compiler_options()] + ([None] if args.plain_jit else [])
+    for options in settings:
+        print(f"XLA:CPU options: {options or 'none'}")
+        for name, (n, fn) in build_runs(model, variables, images, args.samples, options).items():
+            compile_s, seconds = time_call(fn, args.repeats, name, args.quiet)
+            print(f"  {name:26s} batch {n:3d}: {n / seconds:8.1f} img/s, "
+                  f"{1000 * seconds / n:7.2f} ms/image (first call {compile_s:.1f} s)")
+    if args.conv_layers:
+        time_conv_layers(args.width, args.batch_size, args.repeats, args.quiet)
 
-    runs = {
-        "GradCAM": (args.batch_size, lambda: gradcam.compute_gradcam(
-            params, batch_stats, images)),
-        "saliency": (args.batch_size, lambda: saliency.compute_saliency(
-            params, batch_stats, images)),
-        f"SmoothGrad-{args.samples}": (1, lambda: saliency.compute_smooth_saliency(
-            params, batch_stats, images[0], n_samples=args.samples)),
+
+def time_conv_layers(width, batch_size, repeats, quiet):
+    """Each 3x3 conv of the network alone, forward and input gradient: where the time goes."""
+    key = jax.random.key(0)
+    conv = lambda x, w: jax.lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    forward = xv._jit(conv)
+    backward = xv._jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
+    channels, totals = 3, {"forward": [0.0, 0.0], "input gradient": [0.0, 0.0]}
+    print(f"conv layers alone, batch {batch_size} (ms/image, GFLOP/s):")
+    for block, convs in enumerate(CONVS_PER_BLOCK):
+        size, out = 32 >> block, width << block
+        for _ in range(convs):
+            x = jax.random.normal(key, (batch_size, size, size, channels))
+            w = jax.random.normal(key, (3, 3, channels, out)) * 0.05
+            g = jax.random.normal(key, (batch_size, size, size, out))
+            flop = 2 * batch_size * size * size * 9 * channels * out
+            line = f"  {size:2d}x{size:<2d} {channels:3d} -> {out:3d}:"
+            for name, fn in [("forward", lambda: forward(x, w)),
+                             ("input gradient", lambda: backward(x, w, g))]:
+                _, seconds = time_call(fn, repeats, name, quiet)
+                totals[name][0] += seconds
+                totals[name][1] += flop
+                line += (f"  {name} {1000 * seconds / batch_size:6.3f}"
+                         f" ({flop / seconds / 1e9:5.1f})")
+            print(line)
+            channels = out
+    for name, (seconds, flop) in totals.items():
+        print(f"  all convs, {name}: {1000 * seconds / batch_size:.3f} ms/image, "
+              f"{flop / batch_size / 1e9:.3f} GFLOP/image, {flop / seconds / 1e9:.1f} GFLOP/s")
+
+
+def build_runs(model, variables, images, samples, options):
+    """{name: (images per call, call)} for the public explainers jitted with `options`."""
+    with mock.patch.object(xv, "_compiler_options", lambda: options):
+        gradcam, saliency = xv.GradCAM(model, "conv3"), xv.SaliencyMap(model)
+        forward = xv._jit(lambda v, x: model.apply(v, x))
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    n = len(images)
+    return {
+        "model forward (the floor)": (n, lambda: forward(variables, images)),
+        "GradCAM": (n, lambda: gradcam.compute_gradcam(params, batch_stats, images)),
+        "saliency": (n, lambda: saliency.compute_saliency(params, batch_stats, images)),
+        "GradCAM, one image": (1, lambda: gradcam.compute_gradcam(
+            params, batch_stats, images[0])),
+        "saliency, one image": (1, lambda: saliency.compute_saliency(
+            params, batch_stats, images[0])),
+        f"SmoothGrad-{samples}, one image": (1, lambda: saliency.compute_smooth_saliency(
+            params, batch_stats, images[0], n_samples=samples)),
     }
-    if args.plain_jit:  # the pure functions, plain jax.jit, no checks: the reference
-        targets = jnp.full((args.batch_size,), xv.PREDICTED, jnp.int32)
-        plain_gc = jax.jit(functools.partial(xv._gradcam_outputs, model, "conv3"),
-                           static_argnames="normalize")
-        plain_sal = jax.jit(functools.partial(xv._saliency_outputs, model),
-                            static_argnames="normalize")
-        plain_sg = jax.jit(functools.partial(xv._smooth_saliency_outputs, model),
-                           static_argnames=("normalize", "n_samples", "batch_size"))
-        runs.update({
-            "GradCAM, plain jit": (args.batch_size, lambda: plain_gc(
-                variables, images, targets, normalize=True)),
-            "saliency, plain jit": (args.batch_size, lambda: plain_sal(
-                variables, images, targets, normalize=True)),
-            f"SmoothGrad-{args.samples}, plain jit": (1, lambda: plain_sg(
-                variables, images[:1], targets[:1], key, normalize=True,
-                n_samples=args.samples, noise_level=0.15, batch_size=256)),
-        })
-
-    print(f"device: {describe_device()}; width {args.width}; "
-          f"XLA:CPU options: {xv._compiler_options() or 'none'}")
-    for name, (n, fn) in runs.items():
-        compile_s, seconds = time_call(fn, args.repeats, name, args.quiet)
-        print(f"{name:32s} batch {n:3d}: {n / seconds:8.1f} img/s, "
-              f"{1000 * seconds / n:7.2f} ms/image (first call {compile_s:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import cifar10_cnn_model as cm
 from cifar10_cnn_model import LAYER_NAMES, CIFAR10CNN
 
 
@@ -90,3 +92,12 @@ def test_train_mode_updates_batch_stats_and_uses_dropout(tiny_model, tiny_variab
     assert all(jax.tree.leaves(changed))
     assert not np.allclose(logits_a, logits_b)  # dropout differs with the key
     np.testing.assert_array_equal(logits_a, run(jax.random.key(0))[0])
+
+
+def test_pooling_equals_flax_max_pool_and_routes_the_gradient_to_the_maximum():
+    x = jax.random.normal(jax.random.key(4), (2, 8, 8, 3))
+    np.testing.assert_array_equal(cm._pool(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
+    grads = jax.grad(lambda x: jnp.sum(cm._pool(x)))(x)
+    np.testing.assert_array_equal(grads, jax.grad(
+        lambda x: jnp.sum(nn.max_pool(x, (2, 2), strides=(2, 2))))(x))
+    assert grads.sum() == 2 * 4 * 4 * 3  # one 1 per window (no ties in random normals)
