@@ -26,10 +26,11 @@ PREDICTED = -1
 IMAGE_SHAPE = (32, 32, 3)
 EPS = 1e-8
 
-# XLA:CPU runs convolutions about 1.6x faster through YNNPACK (measured with jax 0.10.2;
-# see benchmarks/bench_xai.py). Only explaining gets it: it slows training down.
-_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
-                "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
+# XLA:CPU explains a single image 1.4-1.6x faster with YNNPACK convolutions, while batches
+# of 4 or more run faster without them (measured with jax 0.10.2 by
+# benchmarks/bench_xai.py --plain-jit). So single images get these options on CPU.
+_SINGLE_IMAGE_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                             "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
 
 
 # ----------------------------------------------------------------------------------------
@@ -169,18 +170,26 @@ def _smooth_saliency_outputs(model, variables, images, targets, key, normalize,
 
 @functools.lru_cache(maxsize=None)
 def _compiler_options():
-    """The CPU speed-up options when this backend and jaxlib accept them, else None."""
+    """The single-image CPU options when this backend and jaxlib accept them, else None."""
     if jax.default_backend() != "cpu":
         return None
     try:
-        jax.jit(lambda x: x + 1, compiler_options=_CPU_OPTIONS)(jnp.zeros(()))
-    except Exception:  # an older or newer jaxlib without the option: plain jit
+        jax.jit(lambda x: x + 1, compiler_options=_SINGLE_IMAGE_CPU_OPTIONS)(jnp.zeros(()))
+    except Exception:  # a jaxlib without the option: plain jit everywhere
         return None
-    return _CPU_OPTIONS
+    return _SINGLE_IMAGE_CPU_OPTIONS
 
 
 def _jit(fn, **kwargs):
-    return jax.jit(fn, compiler_options=_compiler_options(), **kwargs)
+    """jax.jit of `fn(variables, images, ...)`, compiled with `_compiler_options()` for
+    single images and plainly for batches; each compiles once per shape."""
+    batched = jax.jit(fn, **kwargs)
+    options = _compiler_options()
+    if options is None:
+        return batched
+    single = jax.jit(fn, compiler_options=options, **kwargs)
+    return lambda variables, images, *args, **kw: (
+        single if images.shape[0] == 1 else batched)(variables, images, *args, **kw)
 
 
 # ----------------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ Prints images/s for GradCAM (conv3) and saliency on batches of --batch-size, and
 image for SmoothGrad with 50 samples, explained one image at a time, next to the model's
 plain forward pass (what any explainer costs at least): the public
 `GradCAM` / `SaliencyMap` calls, input checks and the copy back to numpy included.
-`--plain-jit` also times the same calls jitted without the XLA:CPU options that
-`xai_visualizations` sets, to show what they buy. Every timing comes after a warm-up call
+`--plain-jit` also times the same calls without the XLA:CPU options that
+`xai_visualizations` sets for single images, to show what they buy. Every timing comes after a warm-up call
 that compiles, and is the median of --repeats calls.
 """
 
@@ -31,15 +31,30 @@ from train_cifar10 import describe_device  # noqa: E402
 
 def time_call(fn, repeats, desc, quiet):
     """(seconds of the first, compiling call; median seconds of `repeats` later calls)."""
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    compile_s = time.perf_counter() - start
-    times = []
-    for _ in tqdm(range(repeats), desc=desc, disable=quiet, leave=False):
+    compile_s, times = time_round_robin({desc: fn}, repeats, quiet)
+    return compile_s[desc], times[desc]
+
+
+def time_round_robin(calls, repeats, quiet):
+    """Compiles every call, then times them in turn, `repeats` rounds.
+
+    Interleaving matters on a shared machine: its speed drifts by tens of percent over
+    minutes, which would otherwise favour whichever call ran in a fast spell.
+
+    Returns:
+        ({name: seconds of the compiling call}, {name: median seconds per call}).
+    """
+    compile_s, times = {}, {name: [] for name in calls}
+    for name, fn in calls.items():
         start = time.perf_counter()
         jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return compile_s, statistics.median(times)
+        compile_s[name] = time.perf_counter() - start
+    for _ in tqdm(range(repeats), desc="rounds", disable=quiet, leave=False):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - start)
+    return compile_s, {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv=None):
@@ -61,13 +76,18 @@ def main(argv=None):
     variables = jax.jit(model.init)(key, jnp.zeros((1, 32, 32, 3)))
     images = jax.random.uniform(key, (args.batch_size, 32, 32, 3))
     print(f"device: {describe_device()}; width {args.width}")
-    settings = [xv._compiler_options()] + ([None] if args.plain_jit else [])
-    for options in settings:
-        print(f"XLA:CPU options: {options or 'none'}")
-        for name, (n, fn) in build_runs(model, variables, images, args.samples, options).items():
-            compile_s, seconds = time_call(fn, args.repeats, name, args.quiet)
-            print(f"  {name:26s} batch {n:3d}: {n / seconds:8.1f} img/s, "
-                  f"{1000 * seconds / n:7.2f} ms/image (first call {compile_s:.1f} s)")
+    print(f"XLA:CPU options for single images: {xv._compiler_options() or 'none'}")
+    runs = build_runs(model, variables, images, args.samples, xv._compiler_options())
+    if args.plain_jit:
+        plain = build_runs(model, variables, images, args.samples, None)
+        runs.update({f"{name}, no options": run for name, run in plain.items()
+                     if run[0] == 1})  # batches get no options either way
+    compile_s, seconds = time_round_robin({name: fn for name, (_, fn) in runs.items()},
+                                          args.repeats, args.quiet)
+    for name, (n, _) in runs.items():
+        print(f"  {name:36s} batch {n:3d}: {n / seconds[name]:8.1f} img/s, "
+              f"{1000 * seconds[name] / n:7.2f} ms/image "
+              f"(first call {compile_s[name]:.1f} s)")
     if args.conv_layers:
         time_conv_layers(args.width, args.batch_size, args.repeats, args.quiet)
 
@@ -77,8 +97,8 @@ def time_conv_layers(width, batch_size, repeats, quiet):
     key = jax.random.key(0)
     conv = lambda x, w: jax.lax.conv_general_dilated(
         x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    forward = xv._jit(conv)
-    backward = xv._jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
+    forward = jax.jit(conv)
+    backward = jax.jit(lambda x, w, g: jax.vjp(lambda x: conv(x, w), x)[1](g)[0])
     channels, totals = 3, {"forward": [0.0, 0.0], "input gradient": [0.0, 0.0]}
     print(f"conv layers alone, batch {batch_size} (ms/image, GFLOP/s):")
     for block, convs in enumerate(CONVS_PER_BLOCK):
