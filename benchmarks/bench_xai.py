@@ -4,8 +4,9 @@
 
 Prints images/s for GradCAM (conv3) and saliency on batches of --batch-size, and ms per
 image for SmoothGrad with 50 samples, explained one image at a time, next to the model's
-plain forward pass (what any explainer costs at least): the public
-`GradCAM` / `SaliencyMap` calls, input checks and the copy back to numpy included.
+plain forward pass: the public `GradCAM` / `SaliencyMap` calls, input checks and the
+copy back to numpy included. A straightforward jit+vmap version (`reference:`) is timed
+alongside, so that speed-ups are measured on the same machine at the same moment.
 `--plain-jit` also times the same calls without the XLA:CPU options that
 `xai_visualizations` sets for single images, to show what they buy. Every timing comes after a warm-up call
 that compiles, and is the median of --repeats calls.
@@ -20,10 +21,12 @@ from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+import cifar10_cnn_model as cm  # noqa: E402
 import xai_visualizations as xv  # noqa: E402
 from cifar10_cnn_model import CONVS_PER_BLOCK, CIFAR10CNN  # noqa: E402
 from train_cifar10 import describe_device  # noqa: E402
@@ -66,6 +69,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plain-jit", action="store_true",
                         help="also time the calls jitted without the CPU options")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the straightforward jit+vmap version")
     parser.add_argument("--conv-layers", action="store_true",
                         help="also time each conv layer alone (GFLOP/s) at --batch-size")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -78,6 +83,8 @@ def main(argv=None):
     print(f"device: {describe_device()}; width {args.width}")
     print(f"XLA:CPU options for single images: {xv._compiler_options() or 'none'}")
     runs = build_runs(model, variables, images, args.samples, xv._compiler_options())
+    if not args.no_reference:
+        runs.update(reference_runs(model, variables, images, args.samples))
     if args.plain_jit:
         plain = build_runs(model, variables, images, args.samples, None)
         runs.update({f"{name}, no options": run for name, run in plain.items()
@@ -123,6 +130,52 @@ def time_conv_layers(width, batch_size, repeats, quiet):
               f"{flop / batch_size / 1e9:.3f} GFLOP/image, {flop / seconds / 1e9:.1f} GFLOP/s")
 
 
+def reference_runs(model, variables, images, samples):
+    """The straightforward version that the explainer issue measured, for comparison.
+
+    One image's gradient of its own top logit, `jax.vmap`ped over the batch and jitted,
+    on the model with flax's `nn.max_pool`, no compiler options.
+    """
+    def flax_pool(x):
+        return nn.max_pool(x, (2, 2), strides=(2, 2))
+
+    def with_flax_pool(fn):
+        def traced(*args):
+            with mock.patch.object(cm, "_pool", flax_pool):  # active while jit traces
+                return fn(*args)
+        return jax.jit(traced)
+
+    def top_logit(x, fn):
+        return fn(x)[jnp.argmax(jax.lax.stop_gradient(fn(x)))]
+
+    def saliency(x):
+        logit = lambda x: top_logit(x, lambda x: model.apply(variables, x[None])[0])
+        return xv.normalize_maps(jnp.max(jnp.abs(jax.grad(logit)(x)), axis=-1))
+
+    def gradcam(x):
+        acts = model.apply(variables, x[None], method=model.features)["conv3"][0]
+        head = lambda a: model.apply(variables, a[None], method=model.head_from)[0]
+        grads = jax.grad(lambda a: top_logit(a, head))(acts)
+        cam = jax.nn.relu(jnp.sum(jnp.mean(grads, axis=(0, 1)) * acts, axis=-1))
+        return xv.normalize_maps(jax.image.resize(cam, (32, 32), "bilinear"))
+
+    def smooth(x, key):
+        noise = jax.random.normal(key, (samples,) + x.shape) * 0.15 * (x.max() - x.min())
+        c = jnp.argmax(model.apply(variables, x[None])[0])
+        grad = jax.vmap(jax.grad(lambda x: model.apply(variables, x[None])[0, c]))(x + noise)
+        return xv.normalize_maps(jnp.max(jnp.abs(grad.mean(0)), axis=-1))
+
+    batch_saliency, batch_gradcam = with_flax_pool(jax.vmap(saliency)), with_flax_pool(
+        jax.vmap(gradcam))
+    smooth_one = with_flax_pool(smooth)
+    key, n = jax.random.key(0), len(images)
+    return {
+        "reference: GradCAM": (n, lambda: batch_gradcam(images)),
+        "reference: saliency": (n, lambda: batch_saliency(images)),
+        f"reference: SmoothGrad-{samples}": (1, lambda: smooth_one(images[0], key)),
+    }
+
+
 def build_runs(model, variables, images, samples, options):
     """{name: (images per call, call)} for the public explainers jitted with `options`."""
     with mock.patch.object(xv, "_compiler_options", lambda: options):
@@ -131,7 +184,7 @@ def build_runs(model, variables, images, samples, options):
     params, batch_stats = variables["params"], variables["batch_stats"]
     n = len(images)
     return {
-        "model forward (the floor)": (n, lambda: forward(variables, images)),
+        "model forward": (n, lambda: forward(variables, images)),
         "GradCAM": (n, lambda: gradcam.compute_gradcam(params, batch_stats, images)),
         "saliency": (n, lambda: saliency.compute_saliency(params, batch_stats, images)),
         "GradCAM, one image": (1, lambda: gradcam.compute_gradcam(
