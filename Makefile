@@ -14,8 +14,10 @@ $(VENV)/.installed: requirements.txt
 test: $(VENV)/.installed
 	$(PY) -m pytest
 
-# Your own cifar10_model.pkl when it exists; otherwise a smoke model trained in seconds.
-CHECKPOINT ?= $(if $(wildcard cifar10_model.pkl),cifar10_model.pkl,xai_results/smoke_model.pkl)
+# Your own cifar10_model.pkl when it exists, else the shipped pretrained checkpoint, else
+# a smoke model trained in seconds.
+CHECKPOINT ?= $(firstword $(wildcard cifar10_model.pkl pretrained/cifar10_cnn.pkl) \
+	xai_results/smoke_model.pkl)
 
 demo: $(VENV)/.installed
 	test -f $(CHECKPOINT) || $(PY) train_cifar10.py --smoke --output $(CHECKPOINT) \

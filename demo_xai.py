@@ -1,6 +1,6 @@
 """Explains a trained CIFAR-10 CNN on test images and writes the figures to xai_results/.
 
-    python demo_xai.py                                   # cifar10_model.pkl, 16 images
+    python demo_xai.py                  # cifar10_model.pkl, else pretrained/cifar10_cnn.pkl
     python demo_xai.py --checkpoint PATH --num-images 8 --seed 1
 
 It predicts the first --num-eval test records (default 1,000: the exact ones), then draws
@@ -28,7 +28,7 @@ from xai_visualizations import GradCAM, SaliencyMap, check_images, overlay
 
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
-    checkpoint: str = "cifar10_model.pkl"  # written by train_cifar10.py
+    checkpoint: Optional[str] = None       # default: cifar10_model.pkl, else pretrained/
     data_dir: Optional[str] = None         # default: $CIFAR10_DIR, then tfds, then download
     output_dir: str = "xai_results"
     num_images: int = 16                   # images in the batch grid
@@ -229,8 +229,9 @@ def run_demo(config: DemoConfig, model, variables, data: cifar10_data.Cifar10):
 def parse_args(argv=None) -> DemoConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     defaults = DemoConfig()
-    parser.add_argument("--checkpoint", default=defaults.checkpoint,
-                        help="checkpoint written by train_cifar10.py (default: %(default)s)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="checkpoint written by train_cifar10.py (default: "
+                             "cifar10_model.pkl when it exists, else the pretrained one)")
     parser.add_argument("--data-dir", default=None,
                         help="CIFAR-10 folder; default: $CIFAR10_DIR, then tfds, then download")
     parser.add_argument("--output-dir", default=defaults.output_dir,

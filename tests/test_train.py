@@ -1,17 +1,19 @@
 import dataclasses
 import json
 import pickle
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import cifar10_data
 import train_cifar10 as tc
 from cifar10_cnn_model import CIFAR10CNN
 
-CONFIG = tc.TrainConfig(epochs=2, batch_size=16, lr=1e-2, train_subset=None, width=4,
+CONFIG = tc.TrainConfig(recipe="seed", epochs=2, batch_size=16, lr=1e-2, train_subset=None, width=4,
                         val_fraction=0.25, quiet=True)
 
 
@@ -239,3 +241,78 @@ def test_batch_larger_than_the_training_split_is_refused(synthetic_data):
 def test_main_reports_missing_data_without_a_traceback(monkeypatch, tmp_path):
     with pytest.raises(SystemExit, match=r"error: .*holds no CIFAR-10 data"):
         tc.main(["--data-dir", str(tmp_path), "--quiet"])
+
+
+# ------------------------------------------------------------------ the default recipe
+
+
+def test_augment_crops_the_reflect_padded_image_and_flips_it():
+    images = jax.random.randint(jax.random.key(0), (16, 32, 32, 3), 0, 256).astype(jnp.uint8)
+    out = np.asarray(tc.augment(images, jax.random.key(1)))
+    assert out.shape == images.shape and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, tc.augment(images, jax.random.key(1)))
+    padded = np.pad(np.asarray(images), ((0, 0), (4, 4), (4, 4), (0, 0)), mode="reflect")
+    flipped = 0
+    for image, crop in zip(padded, out):
+        views = {(dy, dx, f): image[dy:dy + 32, dx:dx + 32][:, ::-1 if f else 1]
+                 for dy in range(9) for dx in range(9) for f in (0, 1)}
+        matches = [k for k, view in views.items() if np.array_equal(view, crop)]
+        assert matches, "every output is a crop of the padded image, maybe mirrored"
+        flipped += matches[0][2]
+    assert 0 < flipped < 16  # both flipped and unflipped images occur
+    assert not np.array_equal(out, tc.augment(images, jax.random.key(2)))
+
+
+def test_default_optimizer_warms_up_decays_and_decays_only_kernels():
+    config = tc.TrainConfig(recipe="default", lr=0.1)
+    params = {"Conv_0": {"kernel": jnp.ones((3, 3))}, "BatchNorm_0": {"scale": jnp.ones(3),
+                                                                        "bias": jnp.ones(3)}}
+    tx = tc.create_optimizer(config, total_steps=100)
+    state = tx.init(params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    rates = []
+    for _ in range(100):
+        updates, state = tx.update(zeros, state, params)
+        rates.append(float(-updates["Conv_0"]["kernel"][0, 0]) / 5e-3)  # lr_t · wd · 1
+        assert float(jnp.abs(updates["BatchNorm_0"]["scale"]).max()) == 0
+    assert rates[0] == 0 and max(rates) == pytest.approx(0.1, rel=1e-5)
+    assert int(np.argmax(rates)) == 15  # warmup over the first 15 % of the steps
+    assert np.all(np.diff(rates[15:]) <= 0) and rates[-1] < 1e-3
+
+
+def test_eval_step_tta_averages_the_logits_of_the_image_and_its_mirror(trained,
+                                                                        synthetic_data):
+    model, state, _ = trained
+    batch = {"image": jnp.asarray(synthetic_data.test_images[:8]),
+             "label": jnp.asarray(synthetic_data.test_labels[:8])}
+    out = tc.eval_step(state, batch)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    x = batch["image"] / 255.0
+    logits = (model.apply(variables, x) + model.apply(variables, x[:, :, ::-1])) / 2
+    np.testing.assert_array_equal(out["tta_correct"], np.argmax(logits, -1) == batch["label"])
+    np.testing.assert_allclose(
+        out["tta_loss"], optax.softmax_cross_entropy_with_integer_labels(
+            logits, batch["label"]), rtol=1e-5)
+
+
+def test_default_recipe_trains_and_reports_tta(synthetic_data):
+    config = dataclasses.replace(CONFIG, recipe="default", lr=0.05)
+    _, state, metrics = tc.train_and_evaluate(config, data=synthetic_data)
+    for key in ("val_accuracy_tta", "test_accuracy_tta", "test_accuracy_tta_first1000"):
+        assert 0 <= metrics[key] <= 1
+    assert all(np.isfinite(row["train_loss"]) for row in metrics["history"])
+    assert int(state.step) == 2 * (48 // 16)
+
+
+def test_default_checkpoint_prefers_your_own_then_the_pretrained_one(tmp_path, monkeypatch,
+                                                                      capsys):
+    monkeypatch.chdir(tmp_path)
+    assert tc.default_checkpoint() == tc.PRETRAINED
+    assert tc.PRETRAINED.parent.name == "pretrained"
+    model = CIFAR10CNN(width=4)
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    tc.save_checkpoint("cifar10_model.pkl", model, variables)
+    assert tc.default_checkpoint() == Path("cifar10_model.pkl")
+    loaded, _ = tc.load_checkpoint()
+    assert loaded.width == 4
+    assert "loading cifar10_model.pkl" in capsys.readouterr().out
