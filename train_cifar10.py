@@ -214,8 +214,23 @@ def eval_step(state: TrainState, batch):
     return out
 
 
-def evaluate(state, images, labels, batch_size: int):
-    """Per-example {'loss', 'correct'} numpy arrays over a whole set, fixed batch shapes."""
+def data_parallel_shardings():
+    """(replicated, split along the batch) shardings over every device.
+
+    One code path for one device or many: parameters and the data set are replicated,
+    each batch is split across the devices, and XLA sums the gradients and the
+    BatchNorm statistics over the whole batch.
+    """
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") and not jax.distributed.is_initialized():
+        jax.distributed.initialize()  # a multi-host launch (untested here)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+
+
+def evaluate(state, images, labels, batch_size: int, sharding=None):
+    """Per-example {'loss', 'correct'} numpy arrays over a whole set, fixed batch shapes;
+    each batch is placed with `sharding` when given."""
     outputs = []
     for start in range(0, len(labels), batch_size):
         batch = {"image": images[start:start + batch_size],
@@ -224,21 +239,27 @@ def evaluate(state, images, labels, batch_size: int):
         if n < batch_size:  # pad the last batch so that eval_step compiles once
             batch = jax.tree.map(
                 lambda a: jnp.pad(a, [(0, batch_size - n)] + [(0, 0)] * (a.ndim - 1)), batch)
+        if sharding is not None:
+            batch = jax.device_put(batch, sharding)
         outputs.append(jax.tree.map(lambda a: a[:n], eval_step(state, batch)))
     return jax.device_get(jax.tree.map(lambda *a: jnp.concatenate(a), *outputs))
 
 
-def train_epoch(state, images, labels, batch_size: int, key, bar, **step_options):
+def train_epoch(state, images, labels, batch_size: int, key, bar, sharding=None,
+                **step_options):
     """One shuffled pass (incomplete last batch dropped); returns the state and mean metrics.
 
-    `step_options` (augmented, label_smoothing) go to every `train_step`.
+    Each batch is placed with `sharding` when given; `step_options` (augmented,
+    label_smoothing) go to every `train_step`.
     """
     steps = len(labels) // batch_size
     order = jax.random.permutation(key, len(labels))[:steps * batch_size]
     metrics = []
     for i, idx in enumerate(order.reshape(steps, batch_size)):
-        state, step_metrics = train_step(state, {"image": images[idx], "label": labels[idx]},
-                                         **step_options)
+        batch = {"image": images[idx], "label": labels[idx]}
+        if sharding is not None:
+            batch = jax.device_put(batch, sharding)
+        state, step_metrics = train_step(state, batch, **step_options)
         metrics.append(step_metrics)
         bar.update()
         if not bar.disable and i % max(1, steps // 10) == 0:  # ~10 small syncs an epoch
@@ -285,13 +306,19 @@ def train_and_evaluate(config: TrainConfig, *, model=None, data=None):
     if len(train_y) < config.batch_size:
         raise ValueError(f"batch_size must be at most the {len(train_y)} training images "
                          f"left after the split, got {config.batch_size}")
+    if config.batch_size % jax.device_count():
+        raise ValueError(f"batch_size must be a multiple of the {jax.device_count()} "
+                         f"devices, got {config.batch_size}")
+    replicated, split = data_parallel_shardings()
     train_x, train_y, val_x, val_y, test_x, test_y = jax.device_put(
-        (train_x, train_y, val_x, val_y, data.test_images, data.test_labels))
+        (train_x, train_y, val_x, val_y, data.test_images, data.test_labels), replicated)
 
     init_key, order_key = jax.random.split(jax.random.key(config.seed))
     settings = recipe(config)
     steps_per_epoch = len(train_y) // config.batch_size
-    state = create_train_state(model, config, init_key, config.epochs * steps_per_epoch)
+    state = jax.device_put(
+        create_train_state(model, config, init_key, config.epochs * steps_per_epoch),
+        replicated)
     step_options = dict(augmented=settings["augment"],
                         label_smoothing=settings["label_smoothing"])
     history = []
@@ -301,11 +328,11 @@ def train_and_evaluate(config: TrainConfig, *, model=None, data=None):
             epoch_start = time.time()
             state, train_metrics = train_epoch(state, train_x, train_y, config.batch_size,
                                                jax.random.fold_in(order_key, epoch), bar,
-                                               **step_options)
+                                               split, **step_options)
             row = {"epoch": epoch + 1, **{f"train_{k}": v for k, v in train_metrics.items()},
                    "train_s": round(time.time() - epoch_start, 2)}  # epoch 1 includes compile
             if len(val_y):
-                per_example = evaluate(state, val_x, val_y, config.batch_size)
+                per_example = evaluate(state, val_x, val_y, config.batch_size, split)
                 val = _summary(per_example)
                 row.update(val_loss=val["loss"], val_accuracy=val["accuracy"],
                            val_accuracy_tta=_summary(per_example, prefix="tta_")["accuracy"])
@@ -313,7 +340,7 @@ def train_and_evaluate(config: TrainConfig, *, model=None, data=None):
         if not config.quiet:
             tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                 for k, v in row.items()))
-    test = evaluate(state, test_x, test_y, config.batch_size)
+    test = evaluate(state, test_x, test_y, config.batch_size, split)
     test_all = _summary(test)
     metrics = {
         "history": history,

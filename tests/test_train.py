@@ -316,3 +316,51 @@ def test_default_checkpoint_prefers_your_own_then_the_pretrained_one(tmp_path, m
     loaded, _ = tc.load_checkpoint()
     assert loaded.width == 4
     assert "loading cifar10_model.pkl" in capsys.readouterr().out
+
+
+_DATA_PARALLEL_RUN = """
+import dataclasses, sys
+import jax, numpy as np
+import cifar10_data, train_cifar10 as tc
+arrays = np.load(sys.argv[1])
+data = cifar10_data.Cifar10(*(arrays[k] for k in cifar10_data.Cifar10._fields))
+config = tc.TrainConfig(**{k: v.item() for k, v in np.load(sys.argv[2]).items()})
+assert jax.device_count() == int(sys.argv[4]), jax.devices()
+_, state, _ = tc.train_and_evaluate(config, data=data)
+leaves = jax.tree_util.tree_flatten_with_path(state.params)[0]
+np.savez(sys.argv[3], **{jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves})
+"""
+
+
+PARALLEL_CONFIG = dataclasses.replace(CONFIG, recipe="default", lr=0.05)
+
+
+@pytest.fixture(scope="module")
+def trained_default(synthetic_data):
+    return tc.train_and_evaluate(PARALLEL_CONFIG, data=synthetic_data)
+
+
+@pytest.mark.parametrize("devices", [2, 4])
+def test_data_parallel_training_matches_one_device(devices, trained_default, synthetic_data,
+                                                   tmp_path):
+    """The default recipe's steps (augmentation, dropout, BatchNorm over the whole batch)
+    on 2 and 4 forced CPU devices give the one-device parameters."""
+    import os
+    import subprocess
+    import sys
+
+    np.savez(tmp_path / "data.npz", **synthetic_data._asdict())
+    np.savez(tmp_path / "config.npz", **{k: v for k, v in
+                                         dataclasses.asdict(PARALLEL_CONFIG).items()
+                                         if v is not None})
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    subprocess.run([sys.executable, "-c", _DATA_PARALLEL_RUN, str(tmp_path / "data.npz"),
+                    str(tmp_path / "config.npz"), str(tmp_path / "params.npz"), str(devices)],
+                   check=True, env=env, timeout=240)
+    sharded = np.load(tmp_path / "params.npz")
+    leaves = jax.tree_util.tree_flatten_with_path(trained_default[1].params)[0]
+    assert len(sharded.files) == len(leaves)
+    for path, value in leaves:
+        np.testing.assert_allclose(sharded[jax.tree_util.keystr(path)], value,
+                                   rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
