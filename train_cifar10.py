@@ -46,6 +46,7 @@ RECIPES = {
     "default": dict(lr=0.1, weight_decay=5e-3, label_smoothing=0.1, augment=True,
                     warmup_fraction=0.15),
 }
+PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 PRETRAINED = Path(__file__).resolve().parent / "pretrained" / "cifar10_cnn.pkl"
 EXACT_TEST_RECORDS = 1000  # test records 0..999 are exact; the rest are JPEG-degraded here
 
@@ -70,6 +71,9 @@ class TrainConfig:
     train_subset: Optional[int] = _help("use only the first N training images", default=None)
     width: int = _help("channels of the first block (64 is the reference network)",
                        default=64)
+    precision: str = _help("'fp32', or 'bf16': convs and Dense layers in bfloat16 (for "
+                           "GPUs), BatchNorm, the loss and the parameters in float32",
+                           default="fp32")
     data_dir: Optional[str] = _help("CIFAR-10 folder (binary or python layout); "
                                     "default: $CIFAR10_DIR, then tfds, then download",
                                     default=None)
@@ -89,6 +93,7 @@ class TrainConfig:
                              ">= 1 or None"),
             "width": (self.width >= 1, ">= 1"),
             "recipe": (self.recipe in RECIPES, f"one of {tuple(RECIPES)}"),
+            "precision": (self.precision in PRECISIONS, f"one of {tuple(PRECISIONS)}"),
         }
         for name, (ok, expected) in rules.items():
             if not ok:
@@ -285,7 +290,8 @@ def train_and_evaluate(config: TrainConfig, *, model=None, data=None):
 
     Args:
       config: the run's hyperparameters.
-      model: the module to train; default `CIFAR10CNN(width=config.width)`.
+      model: the module to train; default a `CIFAR10CNN` of `config.width` and
+        `config.precision`.
       data: a `cifar10_data.Cifar10`; default `load_cifar10(config.data_dir)`.
 
     Returns:
@@ -295,7 +301,7 @@ def train_and_evaluate(config: TrainConfig, *, model=None, data=None):
     """
     start = time.time()
     if model is None:
-        model = CIFAR10CNN(width=config.width)
+        model = CIFAR10CNN(width=config.width, dtype=PRECISIONS[config.precision])
     if data is None:
         data = cifar10_data.load_cifar10(config.data_dir)
     images, labels = data.train_images, data.train_labels
@@ -488,7 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
         if typing.get_origin(kind) is typing.Union:
             kind = typing.get_args(kind)[0]
         parser.add_argument(flag, type=kind, default=None,
-                            choices=tuple(RECIPES) if field.name == "recipe" else None,
+                            choices={"recipe": tuple(RECIPES),
+                                     "precision": tuple(PRECISIONS)}.get(field.name),
                             help=field.metadata["help"] + (
                                 f" (default: {field.default})" if field.default is not None
                                 else ""))

@@ -364,3 +364,17 @@ def test_data_parallel_training_matches_one_device(devices, trained_default, syn
     for path, value in leaves:
         np.testing.assert_allclose(sharded[jax.tree_util.keystr(path)], value,
                                    rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def test_bf16_precision_keeps_parameters_batchnorm_and_loss_in_float32(synthetic_data):
+    config = dataclasses.replace(CONFIG, recipe="default", lr=0.05, precision="bf16", epochs=1)
+    model, state, metrics = tc.train_and_evaluate(config, data=synthetic_data)
+    assert model.dtype == jnp.bfloat16
+    dtypes = {leaf.dtype for leaf in jax.tree.leaves((state.params, state.batch_stats))}
+    assert dtypes == {jnp.dtype(jnp.float32)}
+    assert np.isfinite(metrics["history"][-1]["train_loss"])
+    logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                         jnp.zeros((2, 32, 32, 3)))
+    assert logits.dtype == jnp.float32
+    assert tc._run_config(model, config)["model"] == {"num_classes": 10, "width": 4,
+                                                     "dropout_rate": 0.5}
