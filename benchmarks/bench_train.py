@@ -29,30 +29,38 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20, help="timed steps after compile")
     parser.add_argument("--width", type=int, default=64, help="64 is the reference network")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recipe", default="default", choices=tuple(tc.RECIPES),
+                        help="'default' augments on the device and smooths labels")
+    parser.add_argument("--precision", default="fp32", choices=tuple(tc.PRECISIONS))
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
-    config = tc.TrainConfig(batch_size=args.batch_size, width=args.width, seed=args.seed)
+    config = tc.TrainConfig(batch_size=args.batch_size, width=args.width, seed=args.seed,
+                            recipe=args.recipe, precision=args.precision)
+    settings = tc.recipe(config)
+    options = dict(augmented=settings["augment"], label_smoothing=settings["label_smoothing"])
     key = jax.random.key(args.seed)
-    state = tc.create_train_state(CIFAR10CNN(width=args.width), config, key)
+    model = CIFAR10CNN(width=args.width, dtype=tc.PRECISIONS[args.precision])
+    state = tc.create_train_state(model, config, key, total_steps=10_000)
     batch = {"image": jax.random.randint(key, (args.batch_size, 32, 32, 3), 0, 256,
                                          jnp.int32).astype(jnp.uint8),
              "label": jax.random.randint(key, (args.batch_size,), 0, 10)}
 
     start = time.perf_counter()
-    state, metrics = tc.train_step(state, batch)
+    state, metrics = tc.train_step(state, batch, **options)
     jax.block_until_ready((state, metrics))
     compile_s = time.perf_counter() - start
 
     start = time.perf_counter()
     for _ in tqdm(range(args.steps), desc="steps", disable=args.quiet):
-        state, metrics = tc.train_step(state, batch)
+        state, metrics = tc.train_step(state, batch, **options)
     jax.block_until_ready((state, metrics))
     elapsed = time.perf_counter() - start
 
     images_per_s = args.steps * args.batch_size / elapsed
     print(f"device: {tc.describe_device()}")
-    print(f"batch {args.batch_size}, width {args.width}: compile+first step "
+    print(f"recipe {args.recipe}, {args.precision}, batch {args.batch_size}, width "
+          f"{args.width}: compile+first step "
           f"{compile_s:.1f} s, {images_per_s:.1f} img/s over {args.steps} steps, "
           f"{EPOCH_IMAGES / images_per_s:.1f} s per epoch of {EPOCH_IMAGES:,} images")
 
