@@ -64,7 +64,8 @@ class TrainConfig:
     batch_size: int = _help("images per training step", default=128)
     lr: Optional[float] = _help("peak learning rate; default: the recipe's (default 0.1, "
                                 "seed 1e-3)", default=None)
-    seed: int = _help("seed of the split, the initialisation, the order and dropout",
+    seed: int = _help("seed of the split, the initialisation, the order, dropout and "
+                      "augmentation",
                       default=0)
     val_fraction: float = _help("fraction of the training set held out for validation",
                                 default=0.1)
