@@ -21,8 +21,8 @@ def test_pretrained_checkpoint_is_small_plain_and_loads_both_ways():
     assert set(checkpoint) == {"params", "batch_stats", "config", "metrics"}
     model, variables = tc.load_checkpoint(tc.PRETRAINED)
     assert (model.width, model.num_classes) == (64, 10)
-    chex_equal = jax.tree.map(np.array_equal, variables["params"], checkpoint["params"])
-    assert all(jax.tree.leaves(chex_equal))
+    same = jax.tree.map(np.array_equal, variables["params"], checkpoint["params"])
+    assert all(jax.tree.leaves(same))
 
 
 def test_pretrained_report_holds_config_history_accuracies_device_and_command():
