@@ -340,18 +340,19 @@ def trained_default(synthetic_data):
     return tc.train_and_evaluate(PARALLEL_CONFIG, data=synthetic_data)
 
 
-@pytest.mark.parametrize("devices", [2, 4])
-def test_data_parallel_training_matches_one_device(devices, trained_default, synthetic_data,
-                                                   tmp_path):
+@pytest.mark.parametrize("devices, steps_per_call", [(2, 1), (4, 0)])
+def test_data_parallel_training_matches_one_device(devices, steps_per_call, trained_default,
+                                                   synthetic_data, tmp_path):
     """The default recipe's steps (augmentation, dropout, BatchNorm over the whole batch)
-    on 2 and 4 forced CPU devices give the one-device parameters."""
+    on 2 and 4 forced CPU devices, one step per call or a whole epoch in one `lax.scan`
+    (as on a GPU), give the one-device, one-step-per-call parameters."""
     import os
     import subprocess
     import sys
 
     np.savez(tmp_path / "data.npz", **synthetic_data._asdict())
-    np.savez(tmp_path / "config.npz", **{k: v for k, v in
-                                         dataclasses.asdict(PARALLEL_CONFIG).items()
+    config = dataclasses.replace(PARALLEL_CONFIG, steps_per_call=steps_per_call)
+    np.savez(tmp_path / "config.npz", **{k: v for k, v in dataclasses.asdict(config).items()
                                          if v is not None})
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                JAX_PLATFORMS="cpu", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
