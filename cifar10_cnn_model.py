@@ -11,7 +11,7 @@ The network is split into `features` (image -> every named activation) and
 logits with respect to any block output with plain `jax.grad`, without hooks.
 """
 
-from typing import Any, ClassVar, Dict, Tuple
+from typing import Any, Callable, ClassVar, Dict, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -30,6 +30,7 @@ class ConvBlock(nn.Module):
     features: int
     num_convs: int
     dtype: Any = jnp.float32
+    activation: Callable = nn.relu
 
     @nn.compact
     def __call__(self, x, *, train: bool):
@@ -39,7 +40,7 @@ class ConvBlock(nn.Module):
                         dtype=self.dtype)(x)
             x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                              dtype=jnp.float32)(x)
-            x = nn.relu(x)
+            x = self.activation(x)
         return x
 
 
@@ -50,11 +51,12 @@ class Head(nn.Module):
     num_classes: int
     dropout_rate: float
     dtype: Any = jnp.float32
+    activation: Callable = nn.relu
 
     @nn.compact
     def __call__(self, x, *, train: bool):
         x = jnp.mean(x, axis=(1, 2))
-        x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype)(x))
+        x = self.activation(nn.Dense(self.hidden, dtype=self.dtype)(x))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
@@ -81,18 +83,24 @@ class CIFAR10CNN(nn.Module):
         dropout_rate: dropout before the last Dense layer (train mode only).
         dtype: what the convs and Dense layers compute in, e.g. `jnp.bfloat16` for
             mixed-precision training. Parameters, BatchNorm and the logits stay float32.
+        activation: the nonlinearity after every BatchNorm and the hidden Dense layer.
+            Explainers swap it with `model.clone(activation=...)`, e.g. Guided
+            Backprop's ReLU rule; the parameters are the same.
     """
 
     num_classes: int = 10
     width: int = 64
     dropout_rate: float = 0.5
     dtype: Any = jnp.float32
+    activation: Callable = nn.relu
     layer_names: ClassVar[Tuple[str, ...]] = LAYER_NAMES  # what explainers may target
 
     def setup(self):
-        self.blocks = [ConvBlock(self.width * 2**i, n, self.dtype, name=f"block{i + 1}")
+        self.blocks = [ConvBlock(self.width * 2**i, n, self.dtype, self.activation,
+                                 name=f"block{i + 1}")
                        for i, n in enumerate(CONVS_PER_BLOCK)]
-        self.head = Head(8 * self.width, self.num_classes, self.dropout_rate, self.dtype)
+        self.head = Head(8 * self.width, self.num_classes, self.dropout_rate, self.dtype,
+                         self.activation)
 
     def features(self, x, *, train: bool = False) -> Dict[str, jnp.ndarray]:
         """Returns every named block activation of a batch of [0, 1] images."""
@@ -123,8 +131,8 @@ class CIFAR10CNN(nn.Module):
 def model_config(model: CIFAR10CNN) -> Dict[str, object]:
     """The constructor arguments that rebuild `model`, as plain JSON-able values.
 
-    `dtype` is left out on purpose: a checkpoint always rebuilds a float32 model, which
-    is what explaining wants, however it was trained.
+    `dtype` and `activation` are left out on purpose: a checkpoint always rebuilds a
+    float32 ReLU model, which is what explaining wants, however it was trained.
     """
     return {"num_classes": model.num_classes, "width": model.width,
             "dropout_rate": model.dropout_rate}

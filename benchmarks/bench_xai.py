@@ -73,6 +73,20 @@ def main(argv=None):
                         help="skip the straightforward jit+vmap version")
     parser.add_argument("--conv-layers", action="store_true",
                         help="also time each conv layer alone (GFLOP/s) at --batch-size")
+    parser.add_argument("--methods", nargs="*", default=None, choices=tuple(xv.METHODS),
+                        help="also time these methods (none given: all) through "
+                             "`Explainer`, with their default options, on --method-batch "
+                             "images")
+    parser.add_argument("--method-batch", type=int, default=16)
+    parser.add_argument("--deletion-images", type=int, default=0,
+                        help="also time deletion + insertion curves on this many images")
+    parser.add_argument("--deletion-step", type=int, default=32, help="pixels per point")
+    parser.add_argument("--deletion-chunk", type=int, default=1000,
+                        help="images per deletion call")
+    parser.add_argument("--deletion-batch", type=int, default=4096,
+                        help="image pairs per model call in the deletion curves")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="the model's compute precision in the deletion curves")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
 
@@ -97,6 +111,56 @@ def main(argv=None):
               f"(first call {compile_s[name]:.1f} s)")
     if args.conv_layers:
         time_conv_layers(args.width, args.batch_size, args.repeats, args.quiet)
+    if args.methods is not None:
+        time_methods(model, variables, args.methods or list(xv.METHODS), args.method_batch,
+                     max(1, args.repeats // 5), args.quiet)
+    if args.deletion_images:
+        time_deletion(model, variables, args)
+
+
+def time_methods(model, variables, methods, batch, repeats, quiet):
+    """Every method's public call on one batch, default options: ms per image."""
+    images = jax.random.uniform(jax.random.key(1), (batch, 32, 32, 3))
+    print(f"methods, batch {batch}, default options (median of {repeats} calls):")
+    for name in methods:
+        explainer = xv.Explainer(model, name)
+        first, seconds = time_call(
+            lambda: explainer.explain(variables["params"], variables["batch_stats"], images),
+            repeats, name, quiet)
+        forward, backward = xv.METHODS[name].passes(explainer.options)
+        print(f"  {name:22s} {1000 * seconds / batch:9.2f} ms/image, {batch / seconds:9.1f} "
+              f"img/s, {forward} + {backward} passes/image (first call {first:.1f} s)")
+
+
+def time_deletion(model, variables, args):
+    """Deletion + insertion curves of random maps on --deletion-images images."""
+    import numpy as np  # noqa: PLC0415
+
+    import xai_metrics as xm  # noqa: PLC0415
+
+    n, chunk = args.deletion_images, min(args.deletion_chunk, args.deletion_images)
+    scorer = model.clone(dtype=jnp.bfloat16) if args.precision == "bf16" else model
+    curves = jax.jit(lambda v, x, m, t: xm.deletion_insertion(
+        scorer, v, x, m, t, step=args.deletion_step, batch_size=args.deletion_batch)[
+            "deletion_auc"])
+    key = jax.random.key(2)
+    x = jax.random.uniform(key, (chunk, 32, 32, 3))
+    maps = jax.random.uniform(jax.random.fold_in(key, 1), (chunk, 32, 32))
+    targets = jnp.zeros((chunk,), jnp.int32)
+    start = time.perf_counter()
+    jax.block_until_ready(curves(variables, x, maps, targets))
+    compile_s = time.perf_counter() - start
+    calls = -(-n // chunk)
+    start = time.perf_counter()
+    for _ in tqdm(range(calls), desc="deletion", disable=args.quiet, leave=False):
+        out = curves(variables, x, maps, targets)
+    jax.block_until_ready(out)
+    seconds = time.perf_counter() - start
+    points = len(xm.curve_fractions(1024, args.deletion_step))
+    passes = calls * chunk * points * 2
+    print(f"deletion + insertion, {calls * chunk} images, every {args.deletion_step} px "
+          f"({points} points), {args.precision}: {seconds:.1f} s after {compile_s:.1f} s "
+          f"compile and first call, {passes / seconds:,.0f} model passes/s")
 
 
 def time_conv_layers(width, batch_size, repeats, quiet):

@@ -1,0 +1,278 @@
+"""How far to trust a heatmap: faithfulness and sanity checks, vectorised in JAX.
+
+- Faithfulness: deletion and insertion curves and their AUC (Petsiuk et al. 2018). The
+  most relevant pixels are removed from the image (deletion; a faithful map makes the
+  class probability fall fast, so a low AUC) or revealed on a blurred copy (insertion;
+  a high AUC), `step` pixels at a time. Random maps give the reference.
+- Sanity: cascading model-parameter randomisation (Adebayo et al. 2018). The layers are
+  re-initialised from the output down to the first convolution, one more at each level,
+  and each level's maps are compared with the trained model's by Spearman rank
+  correlation (of |map| and of the signed map) and SSIM. A map that still looks the
+  same once the weights are random does not explain the model.
+- The random-logit test (Sixt et al. 2020): the map of the predicted class against the
+  map of a random other class; a map that does not change with the class is not
+  class-specific.
+
+Maps are (N, H, W), images float (N, H, W, C) in [0, 1], targets int (N,). Everything
+here is a pure, jittable function; `evaluate_xai.py` runs it over the test set.
+"""
+
+from typing import Dict, List, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xai_visualizations import map_pairs, normalize_maps, resolve_targets
+
+BASELINES = ("zero", "blur", "mean")
+
+
+# ----------------------------------------------------------------------------------------
+# Faithfulness.
+
+
+def gaussian_blur(images, sigma=5.0, size=11):
+    """Each channel blurred with a size × size Gaussian of std `sigma` (edges repeated),
+    Petsiuk et al.'s insertion start."""
+    radius = size // 2
+    taps = jnp.exp(-0.5 * (jnp.arange(-radius, radius + 1) / sigma) ** 2)
+    taps = taps / jnp.sum(taps)
+    channels = images.shape[-1]
+    padded = jnp.pad(images, ((0, 0), (radius, radius), (radius, radius), (0, 0)), mode="edge")
+    out = padded
+    for kernel in (taps.reshape(size, 1, 1, 1), taps.reshape(1, size, 1, 1)):
+        out = jax.lax.conv_general_dilated(
+            out, jnp.tile(kernel, (1, 1, 1, channels)).astype(images.dtype), (1, 1), "VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
+    return out
+
+
+def baseline_images(images, kind):
+    """What removed pixels become: 'zero' (black), 'blur' (`gaussian_blur`) or 'mean'
+    (each image's mean colour)."""
+    if kind == "zero":
+        return jnp.zeros_like(images)
+    if kind == "blur":
+        return gaussian_blur(images)
+    if kind == "mean":
+        return jnp.broadcast_to(jnp.mean(images, axis=(1, 2), keepdims=True), images.shape)
+    raise ValueError(f"baseline must be one of {BASELINES}, got {kind!r}")
+
+
+def pixel_ranks(maps):
+    """(N, H, W) int: each pixel's place when sorted by relevance, 0 = the most relevant.
+    Ties keep raster order, so the ranking is deterministic."""
+    n, h, w = maps.shape
+    order = jnp.argsort(-maps.reshape(n, h * w), axis=-1, stable=True)
+    return jnp.argsort(order, axis=-1).reshape(n, h, w)
+
+
+def curve_fractions(pixels, step):
+    """Fractions of pixels removed at each point of a curve: 0, step, 2·step, … , all."""
+    counts = np.minimum(np.arange(-(-pixels // step) + 1) * step, pixels)
+    return counts / pixels
+
+
+def deletion_insertion(model, variables, images, maps, targets, *, step=32,
+                       deletion_baseline="zero", insertion_baseline="blur", batch_size=1024):
+    """Deletion and insertion curves of the target's softmax probability, and their AUC.
+
+    At point k the k · `step` most relevant pixels (all channels) are replaced by the
+    deletion baseline, or, for insertion, shown on top of the insertion baseline.
+    Curves share the x axis `curve_fractions(H · W, step)`; the AUC is the trapezoid
+    area under them, in [0, 1]. The N · (points) pairs of images run in batches of
+    `batch_size` pairs.
+
+    Args:
+        maps: (N, H, W); higher = more relevant (signed maps rank positive evidence first).
+        targets: (N,) classes; `PREDICTED` is each image's prediction.
+
+    Returns:
+        {'fractions' (P,), 'deletion' (N, P), 'insertion' (N, P), 'deletion_auc' (N,),
+        'insertion_auc' (N,)}.
+    """
+    n, h, w, _ = images.shape
+    fractions = curve_fractions(h * w, step)
+    counts = jnp.asarray(np.round(fractions * h * w), jnp.int32)
+    ranks = pixel_ranks(maps)
+    removed = baseline_images(images, deletion_baseline)
+    start = baseline_images(images, insertion_baseline)
+    targets = resolve_targets(model.apply(variables, images), targets)
+
+    def probabilities(k, i):
+        top = (ranks[i] < counts[k][:, None, None])[..., None]
+        both = jnp.concatenate([jnp.where(top, removed[i], images[i]),
+                                jnp.where(top, images[i], start[i])])
+        probs = jax.nn.softmax(model.apply(variables, both).astype(jnp.float32))
+        p = jnp.take_along_axis(probs, jnp.tile(targets[i], 2)[:, None], axis=-1)[:, 0]
+        return p.reshape(2, -1).T  # (B, 2): deletion, insertion
+
+    curves = map_pairs(probabilities, n, len(fractions), batch_size, total=False)
+    deletion, insertion = curves[..., 0].T, curves[..., 1].T
+    x = jnp.asarray(fractions, jnp.float32)
+    return {"fractions": x, "deletion": deletion, "insertion": insertion,
+            "deletion_auc": jnp.trapezoid(deletion, x, axis=-1),
+            "insertion_auc": jnp.trapezoid(insertion, x, axis=-1)}
+
+
+def random_maps(key, shape):
+    """Uniform random maps: the reference every method's curves should beat."""
+    return jax.random.uniform(key, shape)
+
+
+# ----------------------------------------------------------------------------------------
+# Similarity of maps.
+
+
+def spearman(a, b):
+    """Spearman rank correlation of each pair of maps (..., H, W) -> (...).
+
+    Ties get their average rank (as scipy.stats.spearmanr). A constant map shares no
+    ranking with anything, so its correlation is defined as 0 rather than NaN.
+    """
+    a = a.reshape(a.shape[:-2] + (-1,))
+    b = b.reshape(b.shape[:-2] + (-1,))
+    ra = jax.scipy.stats.rankdata(a, axis=-1)
+    rb = jax.scipy.stats.rankdata(b, axis=-1)
+    ra = ra - jnp.mean(ra, axis=-1, keepdims=True)
+    rb = rb - jnp.mean(rb, axis=-1, keepdims=True)
+    norm = jnp.sqrt(jnp.sum(ra**2, axis=-1) * jnp.sum(rb**2, axis=-1))
+    return jnp.where(norm > 0, jnp.sum(ra * rb, axis=-1) / jnp.where(norm > 0, norm, 1), 0.0)
+
+
+def ssim(a, b, *, size=7, sigma=1.5, data_range=1.0):
+    """Structural similarity (Wang et al. 2004) of each pair of maps (..., H, W) -> (...).
+
+    Gaussian window of `size` and `sigma`, no padding, constants K1 = 0.01, K2 = 0.03,
+    averaged over the window positions; 1 for identical maps. Normalise maps to [0, 1]
+    first (`normalize_maps`) so that `data_range` is 1.
+    """
+    lead = a.shape[:-2]
+    a = a.reshape((-1,) + a.shape[-2:] + (1,)).astype(jnp.float32)
+    b = b.reshape((-1,) + b.shape[-2:] + (1,)).astype(jnp.float32)
+    taps = jnp.exp(-0.5 * ((jnp.arange(size) - size // 2) / sigma) ** 2)
+    window = jnp.outer(taps, taps) / jnp.sum(taps) ** 2
+
+    def mean(x):
+        return jax.lax.conv_general_dilated(x, window[:, :, None, None], (1, 1), "VALID",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_a, mu_b = mean(a), mean(b)
+    var_a = mean(a * a) - mu_a**2
+    var_b = mean(b * b) - mu_b**2
+    cov = mean(a * b) - mu_a * mu_b
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return jnp.mean(s, axis=(1, 2, 3)).reshape(lead)
+
+
+def similarity(maps, reference):
+    """{'spearman_abs', 'spearman_signed', 'ssim'} of maps (..., N, H, W) against the
+    reference (N, H, W): rank correlation of |map| and of the map, and SSIM of the
+    min-max normalised |map| (Adebayo et al.'s three measures)."""
+    reference = jnp.broadcast_to(reference, maps.shape)
+    return {"spearman_abs": spearman(jnp.abs(maps), jnp.abs(reference)),
+            "spearman_signed": spearman(maps, reference),
+            "ssim": ssim(normalize_maps(jnp.abs(maps)), normalize_maps(jnp.abs(reference)))}
+
+
+# ----------------------------------------------------------------------------------------
+# Sanity checks.
+
+
+def _has_params(params, path):
+    tree = params
+    for k in path:
+        if not hasattr(tree, "items") or k not in tree:
+            return False
+        tree = tree[k]
+    return hasattr(tree, "items") and any(not hasattr(v, "items") for v in tree.values())
+
+
+def layer_order(model, variables, image_shape=(1, 32, 32, 3)):
+    """Paths of the modules that hold parameters, in the order the forward pass calls
+    them (recorded with `flax.linen.intercept_methods`, so it follows the model, not
+    the order of the checkpoint's keys)."""
+    import flax.linen as nn  # noqa: PLC0415
+
+    order = []
+
+    def record(next_fun, args, kwargs, context):
+        path = tuple(context.module.path)
+        if context.method_name == "__call__" and path not in order:
+            order.append(path)
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda v: model.apply(v, jnp.zeros(image_shape)), variables)
+    return [path for path in order if _has_params(variables["params"], path)]
+
+
+def randomization_levels(model, variables) -> List[Tuple[str, Tuple[Tuple[str, ...], ...]]]:
+    """The cascade of Adebayo et al.: layers with weights from the output down to the
+    first, each with the normalisation layers the forward pass calls right after it.
+
+    Returns:
+        [(label, (module paths, ...)), ...], e.g. ('head/Dense_1', (('head', 'Dense_1'),))
+        first and ('block1/Conv_0', (('block1', 'Conv_0'), ('block1', 'BatchNorm_0')))
+        last for `CIFAR10CNN`.
+    """
+    groups = []
+    for path in layer_order(model, variables):
+        if groups and "norm" in path[-1].lower():
+            groups[-1].append(path)
+        else:
+            groups.append([path])
+    return [("/".join(g[0]), tuple(g)) for g in reversed(groups)]
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _replace(tree, path, value):
+    if not path:
+        return value
+    return {**tree, path[0]: _replace(tree[path[0]], path[1:], value)}
+
+
+def cascading_randomization(model, variables, random_params):
+    """Parameters for every level of the cascade, stacked on a leading axis.
+
+    Level l has the first l + 1 groups of `randomization_levels(model, variables)` replaced by
+    `random_params` (a fresh initialisation of the same model, e.g. `model.init` with
+    another key); the rest keep their trained values. BatchNorm's running statistics
+    stay those of the trained model.
+
+    Returns:
+        (labels [L], params with a leading axis L).
+    """
+    levels = randomization_levels(model, variables)
+    current, stacked = variables["params"], []
+    for _, paths in levels:
+        for path in paths:
+            current = _replace(current, path, _get(random_params, path))
+        stacked.append(current)
+    return [label for label, _ in levels], jax.tree.map(lambda *a: jnp.stack(a), *stacked)
+
+
+def randomization_maps(explain_fn, stacked_params, variables, images, targets):
+    """`explain_fn(variables, images, targets) -> maps` at every level, vectorised over
+    the levels: (L, N, H, W). `variables` supplies everything but 'params'."""
+    def at_level(params):
+        return explain_fn({**variables, "params": params}, images, targets)
+    return jax.vmap(at_level)(stacked_params)
+
+
+def random_other_classes(key, targets, num_classes):
+    """A uniformly random class different from each target."""
+    shift = jax.random.randint(key, targets.shape, 1, num_classes)
+    return (targets + shift) % num_classes
+
+
+def summarize(values: Dict[str, jnp.ndarray], axis=-1) -> Dict[str, list]:
+    """Means over `axis` as plain floats (or lists of them), for reports."""
+    return {k: np.round(np.asarray(jnp.mean(v, axis=axis)), 4).tolist() for k, v in values.items()}
