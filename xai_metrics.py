@@ -111,9 +111,10 @@ def deletion_insertion(model, variables, images, maps, targets, *, step=32,
     curves = map_pairs(probabilities, n, len(fractions), batch_size, total=False)
     deletion, insertion = curves[..., 0].T, curves[..., 1].T
     x = jnp.asarray(fractions, jnp.float32)
+    xs = jnp.broadcast_to(x, deletion.shape)
     return {"fractions": x, "deletion": deletion, "insertion": insertion,
-            "deletion_auc": jnp.trapezoid(deletion, x, axis=-1),
-            "insertion_auc": jnp.trapezoid(insertion, x, axis=-1)}
+            "deletion_auc": jnp.trapezoid(deletion, xs, axis=-1),
+            "insertion_auc": jnp.trapezoid(insertion, xs, axis=-1)}
 
 
 def random_maps(key, shape):

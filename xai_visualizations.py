@@ -268,7 +268,8 @@ def occlusion(model, variables, images, targets, *, patch=4, stride=2, baseline=
 
     drop = map_pairs(drops, images.shape[0], masks.shape[0], batch_size, total=False)
     coverage = jnp.sum(masks, axis=0)
-    maps = jnp.einsum("pn,phw->nhw", drop, masks.astype(drop.dtype)) / jnp.maximum(coverage, 1)
+    maps = jnp.einsum("pn,phw->nhw", drop, masks.astype(drop.dtype)) / jnp.maximum(
+        coverage, 1)[None]
     return maps, logits, targets
 
 
