@@ -4,8 +4,10 @@
     python demo_xai.py --checkpoint PATH --num-images 8 --seed 1
 
 It predicts the first --num-eval test records (default 1,000: the exact ones), then draws
-  detailed_*.png        one image each: overlays and heatmaps (GradCAM, saliency,
-                        SmoothGrad), class-specific GradCAM, top-3 probabilities;
+  detailed_*.png        one image each: overlays and heatmaps (GradCAM, Grad-CAM++,
+                        saliency, SmoothGrad, Integrated Gradients), each with its
+                        deletion and insertion AUC on this image next to a random map's,
+                        class-specific GradCAM, top-3 probabilities;
   batch_gradcam.png     --num-images images with GradCAM overlays and heatmaps;
   misclassified.png     GradCAM for the predicted and for the true class, side by side;
   confusion_matrix.png  over every evaluated image.
@@ -21,9 +23,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import cifar10_data
+import xai_metrics
 from cifar10_data import CLASS_NAMES
 from train_cifar10 import EXACT_TEST_RECORDS, load_checkpoint
-from xai_visualizations import GradCAM, SaliencyMap, overlay
+from xai_visualizations import (GradCAM, GradCAMPlusPlus, IntegratedGradients, SaliencyMap,
+                                normalize_maps, overlay)
+
+EVIDENCE_STEP = 32  # pixels per point of the detailed figure's deletion/insertion curves
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +42,7 @@ class DemoConfig:
     num_eval: int = EXACT_TEST_RECORDS      # test records predicted for the error analysis
     num_misclassified: int = 6             # rows of the misclassification figure
     smoothgrad_samples: int = 50
+    ig_steps: int = 64                      # Integrated Gradients path points
     seed: int = 0                           # picks the images and seeds SmoothGrad
     quiet: bool = False
 
@@ -70,16 +77,33 @@ def _heatmap(fig, ax, heatmap, title, **kwargs):
     fig.colorbar(ax.images[-1], ax=ax, fraction=0.046, pad=0.04)
 
 
-def plot_detailed(plt, path, image, label, probs, maps, class_maps, class_targets):
-    """Original, three overlays, three heatmaps, top-3 bars and class-specific GradCAM."""
+def plot_detailed(plt, path, image, label, probs, maps, class_maps, class_targets, evidence):
+    """Original, an overlay and a heatmap per method with its deletion/insertion AUC,
+    top-3 bars and class-specific GradCAM.
+
+    `evidence` maps each method name, and 'random', to (deletion AUC, insertion AUC) on
+    this image.
+    """
     pred = int(np.argmax(probs))
-    fig, axes = plt.subplots(3, 4, figsize=(13, 10))
+    fig, axes = plt.subplots(3, len(maps) + 1, figsize=(3.2 * (len(maps) + 1), 10))
     mark = "correct" if pred == label else "WRONG"
     _show(axes[0, 0], image, f"original\ntrue: {_label(label)}, pred: {_label(pred)} "
           f"({probs[pred]:.2f}, {mark})")
+    rand_del, rand_ins = evidence["random"]
     for k, (name, heatmap) in enumerate(maps.items(), 1):
+        deletion, insertion = evidence[name]
         _show(axes[0, k], overlay(image, heatmap), f"{name} overlay")
-        _heatmap(fig, axes[1, k], heatmap, f"{name} heatmap", vmin=0, vmax=1)
+        _heatmap(fig, axes[1, k], heatmap,
+                 f"{name} heatmap\ndeletion {deletion:.2f}{'' if deletion < rand_del else ' ✗'}"
+                 f", insertion {insertion:.2f}{'' if insertion > rand_ins else ' ✗'}",
+                 vmin=0, vmax=1)
+    for ax in axes[2, len(class_maps):]:
+        ax.axis("off")
+    axes[2, -1].text(0, 0.5, f"Evidence on this image: AUC of the\nprobability of "
+                     f"{_label(pred)} as the most\nrelevant pixels are deleted (↓ better)\n"
+                     f"or inserted on a blur (↑ better),\n{EVIDENCE_STEP} px per step.\n"
+                     f"A random map scores\ndeletion {rand_del:.2f}, insertion {rand_ins:.2f};"
+                     f"\n✗ marks a map that does worse.", fontsize=8, va="center")
     top3 = np.argsort(probs)[::-1][:3]
     axes[1, 0].barh([_label(c) for c in top3][::-1], probs[top3][::-1], color="tab:blue")
     axes[1, 0].set(xlim=(0, 1), title="top-3 probabilities")
@@ -178,6 +202,10 @@ def run_demo(config: DemoConfig, model, variables, data: cifar10_data.Cifar10):
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     gradcam, saliency = GradCAM(model, target_layer="conv3"), SaliencyMap(model)
+    gradcam_pp = GradCAMPlusPlus(model)
+    integrated = IntegratedGradients(model, steps=config.ig_steps)
+    evidence_fn = jax.jit(lambda v, x, m, t: xai_metrics.deletion_insertion(
+        model, v, x, m, t, step=EVIDENCE_STEP))
     rng = np.random.default_rng(config.seed)
     chosen = np.sort(rng.choice(n_eval, size=min(config.num_images, n_eval), replace=False))
     images = test_u8[chosen] / np.float32(255)
@@ -188,10 +216,22 @@ def run_demo(config: DemoConfig, model, variables, data: cifar10_data.Cifar10):
                                leave=False)):
         image, label = images[k], int(labels[i])
         maps = {"GradCAM": gradcam.compute_gradcam(params, batch_stats, image)[0],
+                "Grad-CAM++": gradcam_pp.explain(params, batch_stats, image)[0],
                 "saliency": saliency.compute_saliency(params, batch_stats, image)[0],
                 "SmoothGrad": saliency.compute_smooth_saliency(
                     params, batch_stats, image, n_samples=config.smoothgrad_samples,
-                    seed=config.seed)[0]}
+                    seed=config.seed)[0],
+                # signed; shown and ranked by magnitude
+                "|IG|": np.asarray(normalize_maps(np.abs(integrated.explain(
+                    params, batch_stats, image, normalize=False)[0])))}
+        random_map = np.random.default_rng((config.seed, k)).uniform(size=(32, 32)).astype(
+            np.float32)
+        stack = np.stack(list(maps.values()) + [random_map])
+        curves = evidence_fn(variables, np.repeat(image[None], len(stack), 0), stack,
+                             np.full(len(stack), -1, np.int32))
+        evidence = dict(zip(list(maps) + ["random"], zip(
+            np.asarray(curves["deletion_auc"]).tolist(),
+            np.asarray(curves["insertion_auc"]).tolist())))
         # The top-3 and the true class; the top-4th when the true class is in the top-3,
         # so that every call has the same shape and compiles once.
         ranked = list(np.argsort(probs[i])[::-1])
@@ -200,7 +240,7 @@ def run_demo(config: DemoConfig, model, variables, data: cifar10_data.Cifar10):
                                              np.repeat(image[None], len(targets), 0),
                                              np.asarray(targets), normalize=False)[0]
         path = out / f"detailed_{k + 1}_test{i}.png"
-        plot_detailed(plt, path, image, label, probs[i], maps, class_maps, targets)
+        plot_detailed(plt, path, image, label, probs[i], maps, class_maps, targets, evidence)
         written.append(path)
 
     heatmaps = gradcam.compute_gradcam(params, batch_stats, images)[0]
@@ -241,6 +281,7 @@ def parse_args(argv=None) -> DemoConfig:
                        ("num_eval", "first test records predicted for the error analysis"),
                        ("num_misclassified", "rows of the misclassification figure"),
                        ("smoothgrad_samples", "noisy samples per SmoothGrad map"),
+                       ("ig_steps", "Integrated Gradients path points"),
                        ("seed", "picks the images and seeds SmoothGrad")]:
         parser.add_argument("--" + name.replace("_", "-"), type=int,
                             default=getattr(defaults, name),
@@ -248,7 +289,7 @@ def parse_args(argv=None) -> DemoConfig:
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
     args = parser.parse_args(argv)
     minimum = {"num_images": 1, "num_detailed": 0, "num_eval": 1, "num_misclassified": 0,
-               "smoothgrad_samples": 1, "seed": 0}
+               "smoothgrad_samples": 1, "ig_steps": 1, "seed": 0}
     for name, low in minimum.items():
         if getattr(args, name) < low:
             parser.error(f"--{name.replace('_', '-')} must be >= {low}, "

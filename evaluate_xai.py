@@ -33,7 +33,7 @@ import xai_metrics as xm
 import xai_visualizations as xv
 from train_cifar10 import EXACT_TEST_RECORDS, _atomic_write, describe_device, load_checkpoint
 
-# A method passes the randomisation check when its maps' mean Spearman |ρ| with the
+# A method passes the randomisation check when the Spearman ρ of its |maps| with the
 # trained model's maps, averaged over the cascade's levels, is below this: its maps
 # change once the weights are random. At or above it they mostly survive them.
 RANDOMIZATION_PASS = 0.5
@@ -212,7 +212,7 @@ def markdown(report):
              f"{report['device']}; curves every {report['config']['step']} px, deletion to "
              f"'{report['config']['deletion_baseline']}', insertion from "
              f"'{report['config']['insertion_baseline']}'.", "",
-             "| method | deletion AUC ↓ | insertion AUC ↑ | randomised model: |ρ| at the "
+             "| method | deletion AUC ↓ | insertion AUC ↑ | randomised model: ρ of |map| at the "
              "output layer → all layers (mean) | random-logit SSIM | ms / image | "
              "passes / image (fwd + bwd) | parameters |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -231,7 +231,7 @@ def markdown(report):
             f"{params} |")
     if cards:
         levels = next(iter(cards.values()))["randomization_levels"]
-        lines += ["", "Cascading randomisation, mean Spearman |ρ| of |map| (signed ρ, SSIM) "
+        lines += ["", "Cascading randomisation, mean Spearman ρ of |map| (ρ of the signed map, SSIM) "
                   "with the trained model's map; each column re-initialises one more layer:",
                   "", "| method | " + " | ".join(levels) + " |",
                   "| --- |" + " --- |" * len(levels)]
@@ -271,7 +271,8 @@ def plot_curves(path, reference, curves):
 
 
 def plot_randomization(path, image, levels, cards, arrays):
-    """Correlation against level per method, and one image's maps at every level."""
+    """Correlation against level per method, and one image's maps: the trained model's,
+    then at every level (|map|, each scaled to its own maximum)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -284,7 +285,7 @@ def plot_randomization(path, image, levels, cards, arrays):
         ax.plot(range(len(levels) + 1), [1.0] + cards[name]["randomization"]["spearman_abs"],
                 "o-", label=name)
     ax.set_xticks(range(len(levels) + 1), ["trained"] + levels, fontsize=7)
-    ax.set(ylabel="Spearman |ρ| with trained", title="cascading randomisation")
+    ax.set(ylabel="Spearman ρ of |map| with trained", title="cascading randomisation")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
     for row, name in enumerate(names, 2):
@@ -298,6 +299,8 @@ def plot_randomization(path, image, levels, cards, arrays):
             a.set_yticks([])
             if col == 0:
                 a.set_ylabel(name, fontsize=7)
+            if row == 2:
+                a.set_title((["image", "trained"] + levels)[col], fontsize=6)
     fig.tight_layout()
     _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
     plt.close(fig)

@@ -1,4 +1,6 @@
-"""Explainers for the CIFAR-10 CNN: Grad-CAM, saliency and SmoothGrad, batch-first and jitted.
+"""Explainers for the CIFAR-10 CNN, batch-first and jitted: Grad-CAM, Grad-CAM++, saliency,
+SmoothGrad, Gradient x Input, Integrated Gradients, occlusion, RISE, Guided Backprop and
+Guided Grad-CAM.
 
 Shapes: images are float NHWC in [0, 1], (N, 32, 32, 3); maps are (N, 32, 32).
 Targets are int32 (N,), one class per example; `PREDICTED` (-1) means that example's own
@@ -7,8 +9,9 @@ image's map never depends on its batch-mates.
 
 The mathematics lives in pure, jittable functions of `(model, variables, images, targets)`
 that return raw attributions. Channel reduction, normalisation and colouring are separate
-small functions. The seed's classes `GradCAM` and `SaliencyMap` only check their inputs,
-bind the model and call one function jitted once in `__init__`.
+small functions. `METHODS` names every method and `explain` runs any of them by name. The
+seed's classes `GradCAM` and `SaliencyMap`, and `Explainer` with its subclasses, only
+check their inputs, bind the model and call one function jitted once in `__init__`.
 
 A model is explainable when it has `features(x)` (a dict of named activations),
 `head_from(act, layer=...)` (that activation to logits), `layer_names` and `num_classes`,

@@ -10,6 +10,14 @@ alongside, so that speed-ups are measured on the same machine at the same moment
 `--plain-jit` also times the same calls without the XLA:CPU options that
 `xai_visualizations` sets for single images, to show what they buy. Every timing comes after a warm-up call
 that compiles, and is the median of --repeats calls.
+
+    python benchmarks/bench_xai.py --methods                     # also every method
+    python benchmarks/bench_xai.py --deletion-images 1000         # also the deletion curves
+
+`--methods` times every method of `xai_visualizations.METHODS` (or the ones named)
+through `Explainer` with its default options; `--deletion-images N` times deletion +
+insertion curves of random maps on N images every `--deletion-step` pixels, in fp32 or
+`--precision bf16`, and prints the model passes per second.
 """
 
 import argparse

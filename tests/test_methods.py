@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import xai_visualizations as xv
-from test_xai import ATOL, CamNet, LinearNet
+from test_xai import ATOL, CamNet, linear  # noqa: F401 (a fixture)
 
 SMALL_OPTIONS = {"smoothgrad": {"n_samples": 4}, "integrated_gradients": {"steps": 8},
                  "rise": {"n_masks": 32}, "occlusion": {"patch": 8, "stride": 8}}
@@ -53,12 +53,6 @@ class TwoLayer(nn.Module):
     def __call__(self, x):
         h = self.activation(nn.Dense(5, use_bias=False)(x.reshape(x.shape[0], -1)))
         return nn.Dense(self.num_classes, use_bias=False)(h)
-
-
-@pytest.fixture(scope="module")
-def linear():
-    model = LinearNet()
-    return model, model.init(jax.random.key(2), jnp.zeros((1, 32, 32, 3)))
 
 
 @pytest.fixture(scope="module")
