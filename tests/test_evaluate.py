@@ -18,7 +18,7 @@ def test_evaluation_writes_a_card_per_method_tables_and_figures(checkpoint, data
                                                                  capsys):
     monkeypatch.setattr(cifar10_data, "load_cifar10", lambda data_dir: data)
     out = tmp_path / "evaluation"
-    methods = ["gradcam", "integrated_gradients", "rise"]
+    methods = ["gradcam", "integrated_gradients"]
     evaluate_xai.main(["--checkpoint", str(checkpoint), "--output-dir", str(out), "--methods",
                        *methods, *FLAGS])
     assert capsys.readouterr().out.count("| integrated_gradients |") == 2
@@ -35,11 +35,12 @@ def test_evaluation_writes_a_card_per_method_tables_and_figures(checkpoint, data
         assert card["ms_per_image"] > 0 and card["passes_per_image"]["forward"] >= 1
         assert card["verdicts"]["randomization"] in ("passes", "fails")
     assert report["methods"]["integrated_gradients"]["parameters"]["steps"] == 8
-    assert report["methods"]["rise"]["passes_per_image"] == {"forward": 17, "backward": 0}
+    assert report["methods"]["integrated_gradients"]["passes_per_image"] == {
+        "forward": 10, "backward": 8}
     gap = report["methods"]["integrated_gradients"]["completeness_gap"]
     assert 0 <= gap["median"] <= gap["max"]
     table = (out / "evaluation.md").read_text()
-    assert "| random map |" in table and "| rise |" in table
+    assert "| random map |" in table and "| gradcam |" in table
     for name in ("deletion_insertion.png", "randomization.png"):
         assert (out / name).read_bytes()[:8] == PNG
 

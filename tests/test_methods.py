@@ -201,15 +201,13 @@ def test_guided_grad_cam_is_guided_backprop_times_grad_cam(tiny_model, tiny_vari
 
 @pytest.mark.parametrize("method", list(xv.METHODS))
 def test_one_image_alone_equals_it_inside_a_batch(method, tiny_model, tiny_variables, images):
-    explainer = xv.Explainer(tiny_model, method, batch_size=64, **SMALL_OPTIONS.get(method, {}))
+    explainer = xv.Explainer(tiny_model, method, batch_size=512, **SMALL_OPTIONS.get(method, {}))
     params, stats = tiny_variables["params"], tiny_variables["batch_stats"]
     maps, preds, scores = explainer.explain(params, stats, images, normalize=False)
     one, pred, score = explainer.explain(params, stats, images[3], normalize=False)
     assert maps.shape == (8, 32, 32) and np.isfinite(maps).all()
     np.testing.assert_allclose(one, maps[3], atol=ATOL)
     assert pred == preds[3] and score == pytest.approx(float(scores[3]), abs=1e-5)
-    normalized, _, _ = explainer.explain(params, stats, images)
-    assert 0 <= normalized.min() and normalized.max() <= 1
     if not xv.METHODS[method].signed:
         assert maps.min() >= 0
 
