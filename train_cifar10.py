@@ -85,6 +85,11 @@ class TrainConfig:
                         default="cifar10_model.pkl")
     history_plot: str = _help("where to save the loss and accuracy curves",
                               default="training_history.png")
+    checkpoint_dir: Optional[str] = _help(
+        "where the full training state is saved after every epoch (the command line's "
+        "default: checkpoints/); None saves none", default=None)
+    keep: int = _help("training states kept in checkpoint_dir (the newest)", default=3)
+    resume: bool = _help("continue from the newest state in checkpoint_dir", default=False)
     quiet: bool = _help("no progress bars or per-epoch lines", default=False)
 
     def __post_init__(self):
@@ -100,6 +105,9 @@ class TrainConfig:
                                ">= 0 or None"),
             "recipe": (self.recipe in RECIPES, f"one of {tuple(RECIPES)}"),
             "precision": (self.precision in PRECISIONS, f"one of {tuple(PRECISIONS)}"),
+            "keep": (self.keep >= 1, ">= 1"),
+            "resume": (not self.resume or self.checkpoint_dir is not None,
+                       "used with a checkpoint_dir"),
         }
         for name, (ok, expected) in rules.items():
             if not ok:
@@ -323,8 +331,9 @@ def train_epoch(state, images, labels, batch_size: int, key, bar, sharding=None,
         if not bar.disable and (start // block) % max(1, steps // block // 10) == 0:
             bar.set_postfix({k: f"{float(v[-1]):.3f}" for k, v in block_metrics.items()})
     metrics = jax.device_get(metrics)  # all the epoch's metrics in one host transfer
-    return state, {k: float(np.mean(np.concatenate([m[k] for m in metrics])))
-                   for k in metrics[0]}
+    per_step = {k: np.concatenate([m[k] for m in metrics]) for k in metrics[0]}
+    return state, {**{k: float(np.mean(v)) for k, v in per_step.items()},
+                   "losses": per_step["loss"]}
 
 
 def _replicated(sharding):
@@ -341,6 +350,73 @@ def describe_device() -> str:
 def _summary(per_example, limit=None, prefix=""):
     return {"accuracy": float(np.mean(per_example[prefix + "correct"][:limit])),
             "loss": float(np.mean(per_example[prefix + "loss"][:limit]))}
+
+
+# Fields that change what training computes; a state saved under other values of these
+# cannot be resumed.
+_RUN_FIELDS = ("recipe", "epochs", "batch_size", "lr", "seed", "val_fraction", "train_subset",
+               "width", "precision", "steps_per_call")
+
+
+def _is_key(leaf):
+    return jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key)
+
+
+def save_state(directory, state, epoch: int, history, config: TrainConfig):
+    """Writes the whole training state after `epoch` atomically to
+    `directory/state_EPOCH.pkl` as plain numpy arrays and builtins, then deletes all but
+    the newest `config.keep` states."""
+    directory = Path(directory)
+    leaves = [np.asarray(jax.random.key_data(leaf) if _is_key(leaf) else leaf)
+              for leaf in jax.device_get(jax.tree.leaves(state))]
+    record = {"format": 1, "epoch": epoch, "leaves": leaves, "history": history,
+              "config": {k: getattr(config, k) for k in _RUN_FIELDS}}
+    _atomic_write(directory / f"state_{epoch:04d}.pkl",
+                  lambda f: pickle.dump(record, f, protocol=4))
+    for old in sorted(directory.glob("state_*.pkl"))[:-config.keep]:
+        old.unlink(missing_ok=True)
+
+
+def newest_state(directory) -> Optional[Path]:
+    """The state file of the latest epoch in `directory`, or None."""
+    states = sorted(Path(directory).glob("state_[0-9]*.pkl"))
+    return states[-1] if states else None
+
+
+def load_state(path, template, config: TrainConfig):
+    """Rebuilds a saved training state on the structure of `template` (a fresh state of
+    the same config), checking the config, the number of arrays and each shape and dtype.
+
+    Returns:
+        (state, epoch, history).
+    """
+    try:
+        record = cifar10_data.safe_pickle_load(path)
+        saved, leaves = record["config"], record["leaves"]
+        epoch, history = int(record["epoch"]), list(record["history"])
+    except Exception as e:
+        raise ValueError(f"training state {str(path)!r} is not readable ({type(e).__name__}: "
+                         f"{e}); delete it to resume from the one before") from None
+    differ = {k: (saved.get(k), getattr(config, k)) for k in _RUN_FIELDS
+              if saved.get(k) != getattr(config, k)}
+    if differ:
+        raise ValueError(f"cannot resume from {str(path)!r}: it was trained with other "
+                         f"settings (saved, now): {differ}")
+    template_leaves, treedef = jax.tree.flatten(template)
+    template_leaves = [leaf if _is_key(leaf) else jnp.asarray(leaf)  # the step may be an int
+                       for leaf in template_leaves]
+    if len(leaves) != len(template_leaves):
+        raise ValueError(f"training state {str(path)!r} holds {len(leaves)} arrays, the "
+                         f"model and optimiser need {len(template_leaves)}")
+    restored = []
+    for i, (leaf, like) in enumerate(zip(leaves, template_leaves)):
+        if _is_key(like):
+            leaf = jax.random.wrap_key_data(leaf, impl=jax.random.key_impl(like))
+        if leaf.shape != like.shape or leaf.dtype != like.dtype:
+            raise ValueError(f"training state {str(path)!r}: array {i} is {leaf.dtype}"
+                             f"{tuple(leaf.shape)}, expected {like.dtype}{tuple(like.shape)}")
+        restored.append(leaf)
+    return jax.tree.unflatten(treedef, restored), epoch, history
 
 
 def train_and_evaluate(config: TrainConfig, *, model=None, data=None):
@@ -380,9 +456,14 @@ def train_and_evaluate(config: TrainConfig, *, model=None, data=None):
     init_key, order_key = jax.random.split(jax.random.key(config.seed))
     settings = recipe(config)
     steps_per_epoch = len(train_y) // config.batch_size
-    state = jax.device_put(
-        create_train_state(model, config, init_key, config.epochs * steps_per_epoch),
-        replicated)
+    state = create_train_state(model, config, init_key, config.epochs * steps_per_epoch)
+    start_epoch, history = 0, []
+    saved = newest_state(config.checkpoint_dir) if config.resume else None
+    if saved is not None:
+        state, start_epoch, history = load_state(saved, state, config)
+        if not config.quiet:
+            print(f"resuming after epoch {start_epoch} from {saved}")
+    state = jax.device_put(state, replicated)
     step_options = dict(augmented=settings["augment"],
                         label_smoothing=settings["label_smoothing"])
     steps_per_call = (default_steps_per_call() if config.steps_per_call is None
@@ -394,8 +475,7 @@ def train_and_evaluate(config: TrainConfig, *, model=None, data=None):
         jax.ShapeDtypeStruct((block, config.batch_size), jnp.int32, sharding=replicated),
         sharding=split, **step_options).compile()
     compile_s = round(time.time() - compile_start, 2)
-    history = []
-    for epoch in range(config.epochs):
+    for epoch in range(start_epoch, config.epochs):
         with tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}",
                   disable=config.quiet, leave=False) as bar:
             epoch_start = time.time()
@@ -409,7 +489,18 @@ def train_and_evaluate(config: TrainConfig, *, model=None, data=None):
                 val = _summary(per_example)
                 row.update(val_loss=val["loss"], val_accuracy=val["accuracy"],
                            val_accuracy_tta=_summary(per_example, prefix="tta_")["accuracy"])
+        if not np.isfinite(train_metrics["loss"]):
+            bad = int(np.argmin(np.isfinite(train_metrics["losses"])))
+            kept = (f"; the last good state is {newest_state(config.checkpoint_dir)}"
+                    if config.checkpoint_dir and newest_state(config.checkpoint_dir) else "")
+            raise FloatingPointError(
+                f"training diverged: the loss became {train_metrics['losses'][bad]} at "
+                f"epoch {epoch + 1}, step {epoch * steps_per_epoch + bad + 1} (try a lower "
+                f"--lr){kept}")
+        del train_metrics["losses"], row["train_losses"]
         history.append(row)
+        if config.checkpoint_dir:
+            save_state(config.checkpoint_dir, state, epoch + 1, history, config)
         if not config.quiet:
             tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                 for k, v in row.items()))
@@ -578,6 +669,8 @@ def parse_args(argv=None) -> TrainConfig:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     base = TrainConfig(**SMOKE) if args.pop("smoke") else TrainConfig()
+    if args["checkpoint_dir"] is None:
+        args["checkpoint_dir"] = "checkpoints"
     try:
         return dataclasses.replace(base, **{k: v for k, v in args.items() if v is not None})
     except ValueError as e:

@@ -48,10 +48,13 @@ def test_flags_map_one_to_one_onto_the_config():
     assert config == tc.TrainConfig(recipe="seed", epochs=3, batch_size=32, lr=0.01, seed=7,
                                     val_fraction=0.2, train_subset=500, width=16,
                                     data_dir="d", output="m.pkl", history_plot="h.png",
-                                    quiet=True)
-    assert tc.parse_args([]) == tc.TrainConfig()
+                                    quiet=True, checkpoint_dir="checkpoints")
+    # the command line saves training states by default, the library only when asked
+    assert tc.parse_args([]) == tc.TrainConfig(checkpoint_dir="checkpoints")
     assert tc.parse_args(["--smoke", "--epochs", "5"]) == tc.TrainConfig(
-        **{**tc.SMOKE, "epochs": 5})
+        **{**tc.SMOKE, "epochs": 5, "checkpoint_dir": "checkpoints"})
+    assert tc.parse_args(["--checkpoint-dir", "s", "--keep", "5", "--resume"]) == (
+        tc.TrainConfig(checkpoint_dir="s", keep=5, resume=True))
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -59,6 +62,7 @@ def test_flags_map_one_to_one_onto_the_config():
     (["--batch-size", "-2"], "batch_size must be >= 1, got -2"),
     (["--val-fraction", "1"], r"val_fraction must be in \[0, 1\), got 1.0"),
     (["--lr", "0"], "lr must be > 0, got 0.0"),
+    (["--keep", "0"], "keep must be >= 1, got 0"),
 ])
 def test_bad_flags_are_refused_by_name(flags, message, capsys):
     with pytest.raises(SystemExit):
@@ -215,7 +219,9 @@ def test_main_writes_checkpoint_report_and_plot(synthetic_data, tmp_path, monkey
     monkeypatch.setattr(cifar10_data, "load_cifar10", lambda data_dir: synthetic_data)
     out = tmp_path / "run" / "model.pkl"
     tc.main(["--epochs", "1", "--batch-size", "16", "--width", "4", "--quiet",
-             "--output", str(out), "--history-plot", str(tmp_path / "h.png")])
+             "--output", str(out), "--history-plot", str(tmp_path / "h.png"),
+             "--checkpoint-dir", str(tmp_path / "states")])
+    assert [p.name for p in (tmp_path / "states").iterdir()] == ["state_0001.pkl"]
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["config"]["train"]["epochs"] == 1
     assert report["config"]["model"] == {"num_classes": 10, "width": 4, "dropout_rate": 0.5}

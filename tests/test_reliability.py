@@ -1,0 +1,179 @@
+"""Resumable training, atomic saves, loading that runs no code, and the divergence guard."""
+
+import dataclasses
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import train_cifar10 as tc
+from cifar10_cnn_model import CIFAR10CNN
+from test_train import synthetic_data  # noqa: F401 (a fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = tc.TrainConfig(recipe="default", lr=0.05, epochs=3, batch_size=8, width=4,
+                        val_fraction=0.2, quiet=True)
+
+_RUN = """
+import sys
+import jax, numpy as np
+import cifar10_data, train_cifar10 as tc
+arrays = np.load(sys.argv[1])
+data = cifar10_data.Cifar10(*(arrays[k] for k in cifar10_data.Cifar10._fields))
+config = tc.TrainConfig(recipe="default", lr=0.05, epochs=int(sys.argv[3]), batch_size=8,
+                        width=4, val_fraction=0.2, quiet=True, checkpoint_dir=sys.argv[2],
+                        resume=sys.argv[4] == "resume")
+_, state, _ = tc.train_and_evaluate(config, data=data)
+leaves = jax.tree_util.tree_flatten_with_path(state.params)[0]
+np.savez(sys.argv[5], **{jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves})
+"""
+
+
+def _start(tmp_path, states, epochs, mode, out):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, "-c", _RUN, str(tmp_path / "data.npz"),
+                             str(states), str(epochs), mode, str(out)], env=env)
+
+
+def test_sigkill_in_mid_run_then_resume_gives_bit_identical_params(synthetic_data,
+                                                                   tmp_path):
+    np.savez(tmp_path / "data.npz", **synthetic_data._asdict())
+    epochs = 12
+    whole = _start(tmp_path, tmp_path / "whole", epochs, "fresh", tmp_path / "whole.npz")
+    killed = _start(tmp_path, tmp_path / "killed", epochs, "fresh", tmp_path / "killed.npz")
+    deadline = time.time() + 240
+    while not (tmp_path / "killed" / "state_0003.pkl").exists():
+        assert killed.poll() is None and time.time() < deadline
+        time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait(timeout=30) == -signal.SIGKILL
+    assert not (tmp_path / "killed.npz").exists()  # it really died before the end
+    survivors = sorted(p.name for p in (tmp_path / "killed").glob("state_*.pkl"))
+    assert 3 <= len(survivors) <= 3 + 1 and survivors[-1] < f"state_{epochs:04d}.pkl"
+    resumed = _start(tmp_path, tmp_path / "killed", epochs, "resume", tmp_path / "killed.npz")
+    assert resumed.wait(timeout=240) == 0 and whole.wait(timeout=240) == 0
+    a, b = np.load(tmp_path / "whole.npz"), np.load(tmp_path / "killed.npz")
+    assert sorted(a.files) == sorted(b.files)
+    for name in a.files:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_data, tmp_path_factory):
+    states = tmp_path_factory.mktemp("states")
+    config = dataclasses.replace(CONFIG, checkpoint_dir=str(states), keep=2)
+    _, state, metrics = tc.train_and_evaluate(config, data=synthetic_data)
+    return config, state, metrics, states
+
+
+def test_each_epoch_saves_the_whole_state_and_keeps_the_newest(trained, synthetic_data):
+    config, state, metrics, states = trained
+    assert sorted(p.name for p in states.iterdir()) == ["state_0002.pkl", "state_0003.pkl"]
+    template = tc.create_train_state(CIFAR10CNN(width=4), config, jax.random.key(9), 30)
+    restored, epoch, history = tc.load_state(states / "state_0003.pkl", template, config)
+    assert epoch == 3 and history == metrics["history"]
+    same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
+                        jax.tree.map(np.asarray, jax.device_get(state.params)),
+                        jax.device_get(restored.params))
+    assert all(jax.tree.leaves(same))
+    assert int(restored.step) == int(state.step)
+    np.testing.assert_array_equal(jax.random.key_data(restored.dropout_key),
+                                  jax.random.key_data(state.dropout_key))
+
+
+def test_resuming_a_finished_run_trains_nothing_more(trained, synthetic_data):
+    config, state, metrics, _ = trained
+    _, again, again_metrics = tc.train_and_evaluate(dataclasses.replace(config, resume=True),
+                                                    data=synthetic_data)
+    assert again_metrics["history"] == metrics["history"]
+    assert int(again.step) == int(state.step)
+
+
+def test_resume_refuses_a_state_trained_with_other_settings(trained, synthetic_data):
+    config, _, _, _ = trained
+    other = dataclasses.replace(config, resume=True, lr=0.1)
+    with pytest.raises(ValueError, match=r"other settings \(saved, now\): \{'lr': \(0.05, 0.1\)\}"):
+        tc.train_and_evaluate(other, data=synthetic_data)
+
+
+def test_a_truncated_state_is_refused_clearly(trained, tmp_path):
+    config, _, _, states = trained
+    broken = tmp_path / "state_0001.pkl"
+    broken.write_bytes((states / "state_0003.pkl").read_bytes()[:1000])
+    template = tc.create_train_state(CIFAR10CNN(width=4), config, jax.random.key(0), 30)
+    with pytest.raises(ValueError, match="is not readable .*delete it to resume"):
+        tc.load_state(broken, template, config)
+
+
+def test_a_diverging_run_stops_naming_the_epoch_and_step(synthetic_data, tmp_path):
+    config = dataclasses.replace(CONFIG, lr=1e12, epochs=2, checkpoint_dir=str(tmp_path))
+    with pytest.raises(FloatingPointError, match=r"loss became \w+ at epoch \d, step \d+"):
+        tc.train_and_evaluate(config, data=synthetic_data)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("loader", ["checkpoint", "state"])
+def test_a_malicious_pickle_never_runs_its_payload(loader, tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"params": _Payload(marker), "leaves": [_Payload(marker)]}, f)
+    with pytest.raises(ValueError, match="is not (a )?readable"):
+        if loader == "checkpoint":
+            tc.load_checkpoint(path)
+        else:
+            template = tc.create_train_state(CIFAR10CNN(width=4), CONFIG, jax.random.key(0))
+            tc.load_state(path, template, CONFIG)
+    assert not marker.exists()
+
+
+_SLOW_SAVE = """
+import pickle, sys, time
+import jax, jax.numpy as jnp
+import train_cifar10 as tc
+from cifar10_cnn_model import CIFAR10CNN
+
+def half_then_hang(obj, f, protocol=None):
+    data = pickle.dumps(obj, protocol=protocol)
+    f.write(data[:len(data) // 2])
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(120)
+
+model = CIFAR10CNN(width=4)
+variables = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
+tc.pickle.dump = half_then_hang
+tc.save_checkpoint(sys.argv[1], model, variables)
+"""
+
+
+def test_a_process_killed_while_saving_leaves_the_previous_checkpoint_intact(tmp_path):
+    model = CIFAR10CNN(width=4)
+    variables = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+    path = tmp_path / "model.pkl"
+    tc.save_checkpoint(path, model, variables)
+    before = path.read_bytes()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_SAVE, str(path)], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert path.read_bytes() == before
+    _, loaded = tc.load_checkpoint(path)
+    same = jax.tree.map(np.array_equal, loaded["params"], jax.device_get(variables["params"]))
+    assert all(jax.tree.leaves(same))
