@@ -527,21 +527,31 @@ def train_and_evaluate(config: TrainConfig, *, model=None, data=None):
 
 
 def _atomic_write(path, write):
-    """Calls write(file) on a temporary file next to `path`, then renames it into place."""
+    """Calls write(file) on a temporary file next to `path`, then renames it into place.
+
+    Either the whole new file is in place or `path` is unchanged. An OS error (disk full,
+    permission denied) is re-raised as an OSError that names the path and says so.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        umask = os.umask(0)
+        os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from others
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, f"could not write {str(path)!r} ({e.strerror or e}); "
+                          f"{'the previous file is unchanged' if path.exists() else 'nothing was written'}"
+                          ) from e
         raise
 
 
@@ -606,7 +616,33 @@ def load_checkpoint(path=None):
     except Exception as e:
         raise ValueError(f"checkpoint {str(path)!r} is not a readable cifar10-xai "
                          f"checkpoint ({type(e).__name__}: {e})") from None
+    _check_structure(path, model, variables)
     return model, variables
+
+
+def _check_structure(path, model, variables):
+    """Every array the model needs, with its shape and a float dtype, and nothing else."""
+    expected = jax.eval_shape(model.init, jax.random.key(0),
+                              jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+    want = {jax.tree_util.keystr(p): v for p, v in
+            jax.tree_util.tree_flatten_with_path(dict(expected))[0]}
+    try:
+        got = {jax.tree_util.keystr(p): v for p, v in
+               jax.tree_util.tree_flatten_with_path(variables)[0]}
+    except Exception as e:
+        raise ValueError(f"checkpoint {str(path)!r} holds malformed variables ({e})") from None
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing or extra:
+        raise ValueError(f"checkpoint {str(path)!r} does not match its model config "
+                         f"{model_config(model)}: missing {missing[:3]}, unexpected "
+                         f"{extra[:3]}")
+    for name, like in want.items():
+        value = got[name]
+        if (not isinstance(value, np.ndarray) or value.shape != like.shape
+                or not np.issubdtype(value.dtype, np.floating)):
+            raise ValueError(f"checkpoint {str(path)!r}: {name} must be a float array of "
+                             f"shape {like.shape}, got {getattr(value, 'dtype', type(value).__name__)}"
+                             f"{getattr(value, 'shape', '')}")
 
 
 def write_report(path, config: TrainConfig, model, metrics: dict):

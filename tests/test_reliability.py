@@ -36,8 +36,15 @@ np.savez(sys.argv[5], **{jax.tree_util.keystr(p): np.asarray(v) for p, v in leav
 """
 
 
+def _env():
+    """The subprocesses share the suite's persistent compilation cache."""
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+                JAX_COMPILATION_CACHE_DIR=str(ROOT / ".cache" / "jax"),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2")
+
+
 def _start(tmp_path, states, epochs, mode, out):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    env = _env()
     return subprocess.Popen([sys.executable, "-c", _RUN, str(tmp_path / "data.npz"),
                              str(states), str(epochs), mode, str(out)], env=env)
 
@@ -46,7 +53,6 @@ def test_sigkill_in_mid_run_then_resume_gives_bit_identical_params(synthetic_dat
                                                                    tmp_path):
     np.savez(tmp_path / "data.npz", **synthetic_data._asdict())
     epochs = 12
-    whole = _start(tmp_path, tmp_path / "whole", epochs, "fresh", tmp_path / "whole.npz")
     killed = _start(tmp_path, tmp_path / "killed", epochs, "fresh", tmp_path / "killed.npz")
     deadline = time.time() + 240
     while not (tmp_path / "killed" / "state_0003.pkl").exists():
@@ -58,11 +64,16 @@ def test_sigkill_in_mid_run_then_resume_gives_bit_identical_params(synthetic_dat
     survivors = sorted(p.name for p in (tmp_path / "killed").glob("state_*.pkl"))
     assert 3 <= len(survivors) <= 3 + 1 and survivors[-1] < f"state_{epochs:04d}.pkl"
     resumed = _start(tmp_path, tmp_path / "killed", epochs, "resume", tmp_path / "killed.npz")
-    assert resumed.wait(timeout=240) == 0 and whole.wait(timeout=240) == 0
-    a, b = np.load(tmp_path / "whole.npz"), np.load(tmp_path / "killed.npz")
-    assert sorted(a.files) == sorted(b.files)
-    for name in a.files:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    # meanwhile, the same run uninterrupted, in this process
+    config = dataclasses.replace(CONFIG, epochs=epochs, checkpoint_dir=str(tmp_path / "whole"))
+    _, whole, _ = tc.train_and_evaluate(config, data=synthetic_data)
+    assert resumed.wait(timeout=240) == 0
+    b = np.load(tmp_path / "killed.npz")
+    leaves = jax.tree_util.tree_flatten_with_path(whole.params)[0]
+    assert sorted(b.files) == sorted(jax.tree_util.keystr(p) for p, _ in leaves)
+    for path, value in leaves:
+        np.testing.assert_array_equal(b[jax.tree_util.keystr(path)], np.asarray(value),
+                                      err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +178,7 @@ def test_a_process_killed_while_saving_leaves_the_previous_checkpoint_intact(tmp
     path = tmp_path / "model.pkl"
     tc.save_checkpoint(path, model, variables)
     before = path.read_bytes()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    env = _env()
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_SAVE, str(path)], env=env,
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "writing"
@@ -177,3 +188,63 @@ def test_a_process_killed_while_saving_leaves_the_previous_checkpoint_intact(tmp
     _, loaded = tc.load_checkpoint(path)
     same = jax.tree.map(np.array_equal, loaded["params"], jax.device_get(variables["params"]))
     assert all(jax.tree.leaves(same))
+
+
+def test_a_failed_save_says_so_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    import errno
+
+    model = CIFAR10CNN(width=4)
+    variables = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+    path = tmp_path / "model.pkl"
+    tc.save_checkpoint(path, model, variables)
+    before = path.read_bytes()
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tc.os, "fsync", disk_full)
+    with pytest.raises(OSError, match=r"could not write .*model.pkl.* \(No space left on "
+                                      r"device\); the previous file is unchanged"):
+        tc.save_checkpoint(path, model, variables)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pkl"]  # no temporary file left
+
+
+def _tampered(tmp_path, change):
+    model = CIFAR10CNN(width=4)
+    variables = jax.device_get(jax.jit(model.init)(jax.random.key(0),
+                                                   np.zeros((1, 32, 32, 3), np.float32)))
+    path = tmp_path / "model.pkl"
+    tc.save_checkpoint(path, model, variables)
+    with open(path, "rb") as f:
+        checkpoint = pickle.load(f)
+    change(checkpoint)
+    with open(path, "wb") as f:
+        pickle.dump(checkpoint, f)
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["params"]["head"].pop("Dense_1"), r"does not match its model config .*"
+                                                   r"missing \[\"\['params'\]\['head'\]"),
+    (lambda c: c["config"]["model"].update(width=8),
+     r"\['mean'\] must be a float array of shape \(8,\), got float32\(4,\)"),
+    (lambda c: c["params"]["block1"]["Conv_0"].update(kernel=np.zeros((3, 3, 3, 5))),
+     r"\['params'\]\['block1'\]\['Conv_0'\]\['kernel'\] must be a float array of shape "
+     r"\(3, 3, 3, 4\), got float64\(3, 3, 3, 5\)"),
+    (lambda c: c["batch_stats"]["block1"]["BatchNorm_0"].update(mean=[0.0] * 4),
+     r"does not match its model config .*missing .*\['BatchNorm_0'\]\['mean'\]"),
+    (lambda c: c.pop("batch_stats"), "is not a readable cifar10-xai checkpoint"),
+    (lambda c: c["config"].pop("model"), "is not a readable cifar10-xai checkpoint"),
+])
+def test_load_checkpoint_checks_the_structure_against_the_model(tmp_path, change, message):
+    path = _tampered(tmp_path, change)
+    with pytest.raises(ValueError, match=message):
+        tc.load_checkpoint(path)
+
+
+def test_a_truncated_checkpoint_is_refused_clearly(tmp_path):
+    path = _tampered(tmp_path, lambda c: None)
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(ValueError, match="is not a readable cifar10-xai checkpoint"):
+        tc.load_checkpoint(path)
