@@ -18,7 +18,7 @@ def test_evaluation_writes_a_card_per_method_tables_and_figures(checkpoint, data
                                                                  capsys):
     monkeypatch.setattr(cifar10_data, "load_cifar10", lambda data_dir: data)
     out = tmp_path / "evaluation"
-    methods = ["gradcam", "integrated_gradients"]
+    methods = ["integrated_gradients"]
     evaluate_xai.main(["--checkpoint", str(checkpoint), "--output-dir", str(out), "--methods",
                        *methods, *FLAGS])
     assert capsys.readouterr().out.count("| integrated_gradients |") == 2
@@ -40,7 +40,7 @@ def test_evaluation_writes_a_card_per_method_tables_and_figures(checkpoint, data
     gap = report["methods"]["integrated_gradients"]["completeness_gap"]
     assert 0 <= gap["median"] <= gap["max"]
     table = (out / "evaluation.md").read_text()
-    assert "| random map |" in table and "| gradcam |" in table
+    assert "| random map |" in table and "| integrated_gradients |" in table
     for name in ("deletion_insertion.png", "randomization.png"):
         assert (out / name).read_bytes()[:8] == PNG
 
