@@ -458,7 +458,11 @@ def train_and_evaluate(config: TrainConfig, *, model=None, data=None):
     steps_per_epoch = len(train_y) // config.batch_size
     state = create_train_state(model, config, init_key, config.epochs * steps_per_epoch)
     start_epoch, history = 0, []
-    saved = newest_state(config.checkpoint_dir) if config.resume else None
+    saved = newest_state(config.checkpoint_dir) if config.checkpoint_dir else None
+    if saved is not None and not config.resume:  # never overwrite or prune another run
+        raise ValueError(f"checkpoint_dir {config.checkpoint_dir!r} holds the training "
+                         f"states of an earlier run (newest: {saved.name}); resume it "
+                         f"(--resume), or choose another --checkpoint-dir")
     if saved is not None:
         state, start_epoch, history = load_state(saved, state, config)
         if not config.quiet:

@@ -248,3 +248,12 @@ def test_a_truncated_checkpoint_is_refused_clearly(tmp_path):
     path.write_bytes(path.read_bytes()[:500])
     with pytest.raises(ValueError, match="is not a readable cifar10-xai checkpoint"):
         tc.load_checkpoint(path)
+
+
+def test_a_fresh_run_never_overwrites_another_runs_states(trained, synthetic_data):
+    config, _, _, states = trained
+    before = sorted(p.name for p in states.iterdir())
+    with pytest.raises(ValueError, match=r"holds the training states of an earlier run "
+                                         r"\(newest: state_0003.pkl\); resume it"):
+        tc.train_and_evaluate(config, data=synthetic_data)
+    assert sorted(p.name for p in states.iterdir()) == before
