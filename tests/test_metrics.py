@@ -157,28 +157,24 @@ def test_cascading_randomization_replaces_one_more_layer_per_level(cnn):
 
 
 def test_maps_of_a_randomised_model_decorrelate_from_the_trained_models():
-    """Adebayo et al.'s check on the shipped trained network: gradient maps lose their
-    rank correlation once all weights are random; Guided Backprop keeps more of it when
-    only the output layer is random."""
+    """Adebayo et al.'s check on the shipped trained network: gradient maps keep some
+    rank correlation when only the output layer is random, and lose it once every layer
+    is. (Guided Backprop's failure of this check is in the README's evaluation.)"""
     model, variables = tc.load_checkpoint(tc.PRETRAINED)
     images = jax.random.uniform(jax.random.key(5), (4, 32, 32, 3))
     fresh = model.init(jax.random.key(6), images[:1])["params"]
     _, stacked = xm.cascading_randomization(model, variables, fresh)
     stacked = jax.device_get(stacked)
-    levels = {"output layer": 0, "all layers": -1}
     targets = jnp.argmax(model.apply(variables, images), -1)
-    rho = {}
-    for method in ("saliency", "guided_backprop"):
-        explain = jax.jit(lambda v, x, t: xv.explain(method, model, v, x, t)[0])
-        trained = explain(variables, images, targets)
-        for name, level in levels.items():
-            params = jax.tree.map(lambda a: a[level], stacked)
-            maps = explain({**variables, "params": params}, images, targets)
-            rho[method, name] = float(jnp.mean(
-                xm.similarity(maps, trained)["spearman_abs"]))
-        np.testing.assert_allclose(xm.spearman(trained, trained), 1.0, rtol=1e-6)
-    assert rho["saliency", "all layers"] < 0.5, rho
-    assert rho["guided_backprop", "output layer"] > rho["saliency", "output layer"], rho
+    explain = jax.jit(lambda v, x, t: xv.explain("saliency", model, v, x, t)[0])
+    trained = explain(variables, images, targets)
+    np.testing.assert_allclose(xm.spearman(trained, trained), 1.0, rtol=1e-6)
+    rho = []
+    for level in (0, -1):
+        params = jax.tree.map(lambda a: a[level], stacked)
+        maps = explain({**variables, "params": params}, images, targets)
+        rho.append(float(jnp.mean(xm.similarity(maps, trained)["spearman_abs"])))
+    assert rho[1] < 0.5 and rho[1] < rho[0], rho
 
 
 def test_random_other_classes_never_pick_the_target():
