@@ -11,10 +11,11 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
-# Two workers: the suite is mostly XLA compilation, one core each (254 s instead of
+# Two workers, each taking whole files (so module fixtures and jitted functions are
+# built once): the suite is mostly XLA compilation, one core each (254 s instead of
 # about 380 s from a cold cache on the 2-core CPU).
 test: $(VENV)/.installed
-	$(PY) -m pytest -n 2
+	$(PY) -m pytest -n 2 --dist loadfile
 
 # Your own cifar10_model.pkl when it exists, else the shipped pretrained checkpoint, else
 # a smoke model trained in seconds.
