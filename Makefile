@@ -12,8 +12,8 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 # Two workers, each taking whole files (so module fixtures and jitted functions are
-# built once): the suite is mostly XLA compilation, one core each (254 s instead of
-# about 380 s from a cold cache on the 2-core CPU).
+# built once): the suite is mostly XLA compilation, one core each (from a cold cache on
+# the 2-core CPU: 254-340 s instead of about 380 s on one worker).
 test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 --dist loadfile
 
