@@ -495,8 +495,8 @@ def train_and_evaluate(config: TrainConfig, *, model=None, data=None):
                            val_accuracy_tta=_summary(per_example, prefix="tta_")["accuracy"])
         if not np.isfinite(train_metrics["loss"]):
             bad = int(np.argmin(np.isfinite(train_metrics["losses"])))
-            kept = (f"; the last good state is {newest_state(config.checkpoint_dir)}"
-                    if config.checkpoint_dir and newest_state(config.checkpoint_dir) else "")
+            last = newest_state(config.checkpoint_dir) if config.checkpoint_dir else None
+            kept = f"; the last good state is {last}" if last else ""
             raise FloatingPointError(
                 f"training diverged: the loss became {train_metrics['losses'][bad]} at "
                 f"epoch {epoch + 1}, step {epoch * steps_per_epoch + bad + 1} (try a lower "
