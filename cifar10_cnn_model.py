@@ -73,6 +73,29 @@ def _pool(x):
     return jnp.max(x.reshape(n, h // 2, 2, w // 2, 2, c), axis=(2, 4))
 
 
+def _is_int(value, minimum):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def check_input(x):
+    """Refuses what the network would silently turn into garbage: anything but a float
+    batch (N, H, W, 3) with H and W multiples of 4 (two 2x2 poolings). Only the static
+    shape and dtype are read, so this also works while tracing under jit."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"CIFAR10CNN input x must be an array (N, H, W, 3), got "
+                        f"{type(x).__name__}")
+    shape = tuple(x.shape)
+    if len(shape) != 4 or shape[-1] != 3 or shape[0] == 0:
+        raise ValueError(f"CIFAR10CNN input x must be a batch of RGB images (N, H, W, 3) "
+                         f"with N >= 1, got shape {shape}")
+    if shape[1] % 4 or shape[2] % 4 or shape[1] == 0 or shape[2] == 0:
+        raise ValueError(f"CIFAR10CNN input height and width must be positive multiples of 4 "
+                         f"(two 2x2 poolings), got {shape[1]}x{shape[2]}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"CIFAR10CNN input x must be float images in [0, 1], got dtype "
+                        f"{x.dtype} (divide uint8 images by 255 first)")
+
+
 class CIFAR10CNN(nn.Module):
     """VGG-style CIFAR-10 classifier.
 
@@ -96,6 +119,14 @@ class CIFAR10CNN(nn.Module):
     layer_names: ClassVar[Tuple[str, ...]] = LAYER_NAMES  # what explainers may target
 
     def setup(self):
+        for name, value, ok, expected in (
+                ("num_classes", self.num_classes, _is_int(self.num_classes, 1), "an int >= 1"),
+                ("width", self.width, _is_int(self.width, 1), "an int >= 1"),
+                ("dropout_rate", self.dropout_rate,
+                 isinstance(self.dropout_rate, (int, float)) and 0 <= self.dropout_rate < 1,
+                 "a number in [0, 1)")):
+            if not ok:
+                raise ValueError(f"CIFAR10CNN {name} must be {expected}, got {value!r}")
         self.blocks = [ConvBlock(self.width * 2**i, n, self.dtype, self.activation,
                                  name=f"block{i + 1}")
                        for i, n in enumerate(CONVS_PER_BLOCK)]
@@ -104,6 +135,7 @@ class CIFAR10CNN(nn.Module):
 
     def features(self, x, *, train: bool = False) -> Dict[str, jnp.ndarray]:
         """Returns every named block activation of a batch of [0, 1] images."""
+        check_input(x)
         x = (x - jnp.reshape(jnp.asarray(CIFAR10_MEAN), (1, 1, 1, 3))) / jnp.reshape(
             jnp.asarray(CIFAR10_STD), (1, 1, 1, 3))
         acts = {}

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import numbers
 import os
 import pickle
 import shlex
@@ -93,6 +94,20 @@ class TrainConfig:
     quiet: bool = _help("no progress bars or per-epoch lines", default=False)
 
     def __post_init__(self):
+        for field in dataclasses.fields(self):  # types first, so the rules can compare
+            value, kind = getattr(self, field.name), field.type
+            optional = typing.get_origin(kind) is typing.Union
+            kind = typing.get_args(kind)[0] if optional else kind
+            if kind is str and isinstance(value, os.PathLike):
+                object.__setattr__(self, field.name, value := os.fspath(value))
+            allowed = {int: numbers.Integral, float: numbers.Real}.get(kind, kind)
+            if (value is None and optional) or (
+                    isinstance(value, allowed) and (kind is bool or not isinstance(value, bool))):
+                if kind in (int, float) and value is not None:  # numpy scalars -> JSON-able
+                    object.__setattr__(self, field.name, kind(value))
+                continue
+            raise TypeError(f"{field.name} must be {kind.__name__}"
+                            f"{' or None' if optional else ''}, got {value!r}")
         rules = {
             "epochs": (self.epochs >= 1, ">= 1"),
             "batch_size": (self.batch_size >= 1, ">= 1"),

@@ -29,12 +29,57 @@ BASELINES = ("zero", "blur", "mean")
 
 
 # ----------------------------------------------------------------------------------------
+# Argument checks. Only static shapes and Python values are read, so every function here
+# still traces under jit; each message names the argument, what was expected and what
+# was given.
+
+
+def _shape(name, x):
+    if not hasattr(x, "shape"):
+        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    return tuple(x.shape)
+
+
+def _check_images(images, name="images"):
+    shape = _shape(name, images)
+    if len(shape) != 4 or shape[0] == 0:
+        raise ValueError(f"{name} must be a batch (N, H, W, C) with N >= 1, got shape {shape}")
+    return shape
+
+
+def _check_maps(maps, images_shape, name="maps"):
+    shape = _shape(name, maps)
+    if shape != images_shape[:3]:
+        raise ValueError(f"{name} must be (N, H, W) = {images_shape[:3]} to match the "
+                         f"images, got shape {shape}")
+
+
+def _check_pair(a, b, names=("a", "b")):
+    shape_a, shape_b = _shape(names[0], a), _shape(names[1], b)
+    if len(shape_a) < 2 or shape_a != shape_b:
+        raise ValueError(f"{names[0]} and {names[1]} must be maps (..., H, W) of the same "
+                         f"shape, got {shape_a} and {shape_b}")
+    return shape_a
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------
 # Faithfulness.
 
 
 def gaussian_blur(images, sigma=5.0, size=11):
     """Each channel blurred with a size × size Gaussian of std `sigma` (edges repeated),
     Petsiuk et al.'s insertion start."""
+    _check_images(images)
+    if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not sigma > 0:
+        raise ValueError(f"sigma must be a number > 0, got {sigma!r}")
+    _check_int("size", size, 1)
+    if size % 2 == 0:
+        raise ValueError(f"size must be odd, got {size}")
     radius = size // 2
     taps = jnp.exp(-0.5 * (jnp.arange(-radius, radius + 1) / sigma) ** 2)
     taps = taps / jnp.sum(taps)
@@ -92,7 +137,17 @@ def deletion_insertion(model, variables, images, maps, targets, *, step=32,
         {'fractions' (P,), 'deletion' (N, P), 'insertion' (N, P), 'deletion_auc' (N,),
         'insertion_auc' (N,)}.
     """
-    n, h, w, _ = images.shape
+    n, h, w, _ = _check_images(images)
+    _check_maps(maps, images.shape)
+    if _shape("targets", targets) != (n,):
+        raise ValueError(f"targets must be one class per image, shape ({n},), got shape "
+                         f"{tuple(targets.shape)}")
+    _check_int("step", step, 1)
+    _check_int("batch_size", batch_size, 1)
+    for name, kind in (("deletion_baseline", deletion_baseline),
+                       ("insertion_baseline", insertion_baseline)):
+        if kind not in BASELINES:
+            raise ValueError(f"{name} must be one of {BASELINES}, got {kind!r}")
     fractions = curve_fractions(h * w, step)
     counts = jnp.asarray(np.round(fractions * h * w), jnp.int32)
     ranks = pixel_ranks(maps)
@@ -119,6 +174,9 @@ def deletion_insertion(model, variables, images, maps, targets, *, step=32,
 
 def random_maps(key, shape):
     """Uniform random maps: the reference every method's curves should beat."""
+    if (not isinstance(shape, tuple) or len(shape) < 2
+            or not all(isinstance(d, int) and d >= 1 for d in shape)):
+        raise ValueError(f"shape must be a tuple (..., H, W) of positive ints, got {shape!r}")
     return jax.random.uniform(key, shape)
 
 
@@ -132,6 +190,7 @@ def spearman(a, b):
     Ties get their average rank (as scipy.stats.spearmanr). A constant map shares no
     ranking with anything, so its correlation is defined as 0 rather than NaN.
     """
+    _check_pair(a, b)
     a = a.reshape(a.shape[:-2] + (-1,))
     b = b.reshape(b.shape[:-2] + (-1,))
     ra = jax.scipy.stats.rankdata(a, axis=-1)
@@ -149,6 +208,11 @@ def ssim(a, b, *, size=7, sigma=1.5, data_range=1.0):
     averaged over the window positions; 1 for identical maps. Normalise maps to [0, 1]
     first (`normalize_maps`) so that `data_range` is 1.
     """
+    shape = _check_pair(a, b)
+    _check_int("size", size, 1)
+    if min(shape[-2:]) < size:
+        raise ValueError(f"maps must be at least size x size = {size}x{size} for the SSIM "
+                         f"window, got {shape[-2]}x{shape[-1]}")
     lead = a.shape[:-2]
     a = a.reshape((-1,) + a.shape[-2:] + (1,)).astype(jnp.float32)
     b = b.reshape((-1,) + b.shape[-2:] + (1,)).astype(jnp.float32)
@@ -172,6 +236,10 @@ def similarity(maps, reference):
     """{'spearman_abs', 'spearman_signed', 'ssim'} of maps (..., N, H, W) against the
     reference (N, H, W): rank correlation of |map| and of the map, and SSIM of the
     min-max normalised |map| (Adebayo et al.'s three measures)."""
+    shape, ref_shape = _shape("maps", maps), _shape("reference", reference)
+    if len(ref_shape) != 3 or shape[-3:] != ref_shape:
+        raise ValueError(f"reference must be (N, H, W) and maps (..., N, H, W) with the same "
+                         f"last three axes, got maps {shape} and reference {ref_shape}")
     reference = jnp.broadcast_to(reference, maps.shape)
     return {"spearman_abs": spearman(jnp.abs(maps), jnp.abs(reference)),
             "spearman_signed": spearman(maps, reference),
@@ -197,6 +265,10 @@ def layer_order(model, variables, image_shape=(1, 32, 32, 3)):
     the order of the checkpoint's keys)."""
     import flax.linen as nn  # noqa: PLC0415
 
+    if not hasattr(variables, "keys") or "params" not in variables:
+        raise ValueError(f"variables must be the model's variables, a dict with 'params', "
+                         f"got {type(variables).__name__}"
+                         + (f" with keys {sorted(variables)}" if hasattr(variables, "keys") else ""))
     order = []
 
     def record(next_fun, args, kwargs, context):
@@ -251,6 +323,9 @@ def cascading_randomization(model, variables, random_params):
     Returns:
         (labels [L], params with a leading axis L).
     """
+    if jax.tree.structure(random_params) != jax.tree.structure(variables["params"]):
+        raise ValueError("random_params must have the same structure as variables['params'] "
+                         "(initialise the same model with another key), got a different tree")
     levels = randomization_levels(model, variables)
     current, stacked = variables["params"], []
     for _, paths in levels:
@@ -270,6 +345,7 @@ def randomization_maps(explain_fn, stacked_params, variables, images, targets):
 
 def random_other_classes(key, targets, num_classes):
     """A uniformly random class different from each target."""
+    _check_int("num_classes", num_classes, 2)
     shift = jax.random.randint(key, targets.shape, 1, num_classes)
     return (targets + shift) % num_classes
 

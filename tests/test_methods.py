@@ -1,5 +1,5 @@
 """The explainers beyond the seed's: each one's defining property on a hand-built model,
-the batch contract for all of them, and their rejected options."""
+and the batch contract for all of them (rejected options are in test_bad_inputs.py)."""
 
 from typing import Callable
 
@@ -222,40 +222,3 @@ def test_integrated_gradients_class_reports_attributions_and_gaps(small, images)
     np.testing.assert_allclose(gaps, expected_gaps, atol=1e-6)
     one, gap = explainer.attributions(variables["params"], None, images[0])
     assert one.shape == (32, 32, 3) and gap == pytest.approx(float(gaps[0]), abs=1e-5)
-
-
-@pytest.mark.parametrize("method, options, error, message", [
-    ("lime", {}, ValueError, "method must be one of"),
-    ("gradcam", {"steps": 4}, TypeError, "gradcam takes the options ('layer',)"),
-    ("saliency", {"steps": 4}, TypeError, "saliency takes the options none"),
-    ("gradcam++", {"layer": "fc"}, ValueError, "layer must be one of"),
-    ("integrated_gradients", {"steps": 0}, ValueError, "steps must be an int >= 1, got 0"),
-    ("integrated_gradients", {"baseline": np.zeros((3, 32, 32))}, ValueError,
-     "baseline must have shape (32, 32, 3)"),
-    ("integrated_gradients", {"baseline": np.full((32, 32, 3), 2.0)}, ValueError,
-     "baseline values must be in [0, 1]"),
-    ("smoothgrad", {"noise_level": -1.0}, ValueError, "noise_level must be a number"),
-    ("rise", {"keep_prob": 0.0}, ValueError, "keep_prob must be a number in (0, 1]"),
-    ("rise", {"n_masks": 2.5}, ValueError, "n_masks must be an int >= 1, got 2.5"),
-    ("occlusion", {"patch": 40}, ValueError, "patch must be at most 32 pixels, got 40"),
-    ("occlusion", {"baseline": 1.5}, ValueError, "baseline must be a number in [0, 1]"),
-    ("occlusion", {"stride": 0}, ValueError, "stride must be an int >= 1, got 0"),
-])
-def test_bad_options_are_rejected_with_their_name(tiny_model, method, options, error, message):
-    with pytest.raises(error) as info:
-        xv.Explainer(tiny_model, method, **options)
-    assert message in str(info.value)
-
-
-def test_guided_backprop_needs_a_swappable_activation(linear):
-    with pytest.raises(TypeError, match="needs a model with an `activation` attribute"):
-        xv.guided_backprop(linear[0], linear[1], jnp.zeros((1, 32, 32, 3)), ALL[:1])
-
-
-def test_explainer_checks_seed_and_batch_size(tiny_model, tiny_variables, images):
-    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
-        xv.Explainer(tiny_model, "rise", batch_size=0)
-    explainer = xv.GradientXInput(tiny_model)
-    with pytest.raises(ValueError, match="seed must be an int >= 0, got -1"):
-        explainer.explain(tiny_variables["params"], tiny_variables["batch_stats"], images,
-                          seed=-1)

@@ -57,12 +57,6 @@ def test_logits_differentiate_with_respect_to_a_block_output(tiny_model, tiny_va
     assert float(jnp.abs(one[1:]).max()) == 0.0
 
 
-def test_unknown_layer_is_refused_with_the_valid_names(tiny_model, tiny_variables, images):
-    with pytest.raises(ValueError, match=r"layer must be one of \('conv1', 'conv2', 'conv3'\), "
-                                         r"got 'conv9'"):
-        tiny_model.apply(tiny_variables, images, layer="conv9", method=CIFAR10CNN.head_from)
-
-
 def test_eval_mode_is_deterministic_and_batch_independent(tiny_model, tiny_variables, images):
     batch = tiny_model.apply(tiny_variables, images)
     np.testing.assert_array_equal(batch, tiny_model.apply(tiny_variables, images))

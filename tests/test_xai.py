@@ -1,5 +1,5 @@
-"""Explainers: their mathematics on hand-built models, their batch and jit contracts,
-and every rejected input."""
+"""Explainers: their mathematics on hand-built models and their batch and jit contracts
+(rejected inputs are in test_bad_inputs.py)."""
 
 from typing import ClassVar, Tuple
 
@@ -287,74 +287,3 @@ def test_overlay_blends_the_colormap(images):
     assert out.shape == (32, 32, 3) and out.dtype == np.float32
     viridis = xv.overlay(image, heatmap, colormap="viridis")
     assert np.abs(viridis - out).max() > 0.1
-
-
-# ------------------------------------------------------------------ bad input
-
-
-def _bad_cases():
-    ok = np.full((32, 32, 3), 0.5, np.float32)
-    nan, inf = ok.copy(), ok.copy()
-    nan[0, 0, 0], inf[1, 1, 1] = np.nan, np.inf
-    gc, sal = "gradcam", "saliency"
-    smooth = "smooth"
-    return [
-        (gc, dict(image=np.zeros((32, 32))), ValueError, "image must have shape (32, 32, 3)"),
-        (gc, dict(image=np.zeros((32, 32, 1))), ValueError, "got (32, 32, 1)"),
-        (sal, dict(image=np.zeros((2, 28, 28, 3))), ValueError, "got (2, 28, 28, 3)"),
-        (sal, dict(image=np.zeros((1, 1, 32, 32, 3))), ValueError, "got (1, 1, 32, 32, 3)"),
-        (gc, dict(image=np.zeros((0, 32, 32, 3))), ValueError, "at least one image"),
-        (gc, dict(image="cat.png"), TypeError, "image must be an array"),
-        (gc, dict(image=np.zeros((32, 32, 3), np.int32)), TypeError, "got dtype int32"),
-        (sal, dict(image=nan), ValueError, "image must be finite"),
-        (smooth, dict(image=inf), ValueError, "image must be finite"),
-        (gc, dict(image=ok * 255), ValueError, "values must be in [0, 1]"),
-        (sal, dict(image=ok - 1), ValueError, "got range [-0.5, -0.5]"),
-        (gc, dict(target_class=10), ValueError, "target_class must be in [0, 10), got 10"),
-        (sal, dict(target_class=-1), ValueError, "target_class must be in [0, 10), got -1"),
-        (gc, dict(target_class=1.5), TypeError, "target_class must be None, an int"),
-        (gc, dict(target_class=True), TypeError, "got True"),
-        (sal, dict(target_class=[1, 2]), ValueError, "got shape (2,)"),
-        (smooth, dict(target_class=[11]), ValueError, "got 11"),
-        (smooth, dict(n_samples=0), ValueError, "n_samples must be an int >= 1, got 0"),
-        (smooth, dict(n_samples=2.5), ValueError, "n_samples must be an int >= 1, got 2.5"),
-        (smooth, dict(noise_level=-0.1), ValueError, "noise_level must be a number"),
-        (smooth, dict(noise_level=float("nan")), ValueError, "got nan"),
-        (smooth, dict(batch_size=0), ValueError, "batch_size must be an int >= 1, got 0"),
-        (smooth, dict(seed=-1), ValueError, "seed must be an int >= 0, got -1"),
-        (gc, dict(params=[1, 2]), TypeError, "params must be the dict of model parameters"),
-    ]
-
-
-@pytest.mark.parametrize("method,kwargs,error,message", _bad_cases())
-def test_bad_inputs_raise_clear_errors(method, kwargs, error, message, explainers,
-                                       tiny_variables):
-    gradcam, saliency = explainers
-    args = dict(params=tiny_variables["params"], batch_stats=tiny_variables["batch_stats"],
-                image=np.full((32, 32, 3), 0.5, np.float32))
-    args.update(kwargs)
-    compute = {"gradcam": gradcam.compute_gradcam, "saliency": saliency.compute_saliency,
-               "smooth": saliency.compute_smooth_saliency}[method]
-    with pytest.raises(error) as info:
-        compute(**args)
-    assert message in str(info.value)
-
-
-def test_unknown_layer_lists_the_valid_ones(tiny_model):
-    with pytest.raises(ValueError, match=r"target_layer must be one of \('conv1', 'conv2', "
-                                         r"'conv3'\), got 'fc1'"):
-        GradCAM(tiny_model, target_layer="fc1")
-
-
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(heatmap=np.full((32, 32), 2.0)), "heatmap values must be in [0, 1]"),
-    (dict(heatmap=np.zeros((16, 16))), "got image (32, 32, 3) and heatmap (16, 16)"),
-    (dict(alpha=1.5), "alpha must be a number in [0, 1]"),
-    (dict(colormap="no-such-map"), "colormap must be a matplotlib colormap name"),
-])
-def test_overlay_bad_inputs(kwargs, message):
-    args = dict(image=np.zeros((32, 32, 3)), heatmap=np.zeros((32, 32)))
-    args.update(kwargs)
-    with pytest.raises(ValueError) as info:
-        xv.overlay(**args)
-    assert message in str(info.value)
