@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,6 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 jax.config.update("jax_compilation_cache_dir", str(ROOT / ".cache" / "jax"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# Property tests draw the same examples on every run and keep no example database, so a
+# run is repeatable and writes nothing; no per-example deadline, since the first example
+# of each test compiles.
+settings.register_profile("repo", derandomize=True, database=None, deadline=None,
+                          max_examples=25)
+settings.load_profile("repo")
 
 RECORDS = 20  # records per synthetic batch file
 
