@@ -142,7 +142,7 @@ def test_randomization_levels_run_from_the_output_down_to_conv1(cnn):
 
 def test_cascading_randomization_replaces_one_more_layer_per_level(cnn):
     model, variables = cnn
-    fresh = model.init(jax.random.key(9), jnp.zeros((1, 32, 32, 3)))["params"]
+    fresh = jax.jit(model.init)(jax.random.key(9), jnp.zeros((1, 32, 32, 3)))["params"]
     labels, stacked = xm.cascading_randomization(model, variables, fresh)
     levels = xm.randomization_levels(model, variables)
     stacked, fresh, trained = jax.device_get((stacked, fresh, variables["params"]))
@@ -162,7 +162,7 @@ def test_maps_of_a_randomised_model_decorrelate_from_the_trained_models():
     is. (Guided Backprop's failure of this check is in the README's evaluation.)"""
     model, variables = tc.load_checkpoint(tc.PRETRAINED)
     images = jax.random.uniform(jax.random.key(5), (4, 32, 32, 3))
-    fresh = model.init(jax.random.key(6), images[:1])["params"]
+    fresh = jax.jit(model.init)(jax.random.key(6), images[:1])["params"]
     _, stacked = xm.cascading_randomization(model, variables, fresh)
     stacked = jax.device_get(stacked)
     targets = jnp.argmax(model.apply(variables, images), -1)
