@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo bench evaluate clean
+.PHONY: test demo app bench evaluate clean chromium
 
 # (Re)install when requirements.txt changes; creates .venv when it is missing.
 $(VENV)/.installed: requirements.txt
@@ -14,8 +14,16 @@ $(VENV)/.installed: requirements.txt
 # Two workers, each taking whole files (so module fixtures and jitted functions are
 # built once): the suite is mostly XLA compilation, one core each (from a cold cache on
 # the 2-core CPU: 254-340 s instead of about 380 s on one worker).
-test: $(VENV)/.installed
+test: $(VENV)/.installed chromium
 	$(PY) -m pytest -n 2 --dist loadfile
+
+# The browser test drives Debian's chromium (Playwright downloads no browser); installed
+# here when it is missing and we are root, as on CI.
+chromium:
+	@command -v chromium >/dev/null || [ -n "$$CHROMIUM" ] || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; \
+	  else echo "install Debian's chromium (sudo apt-get install -y chromium) or set CHROMIUM" >&2; exit 1; fi; }
 
 # Your own cifar10_model.pkl when it exists, else the shipped pretrained checkpoint, else
 # a smoke model trained in seconds.
@@ -26,6 +34,10 @@ demo: $(VENV)/.installed
 	test -f $(CHECKPOINT) || $(PY) train_cifar10.py --smoke --output $(CHECKPOINT) \
 		--history-plot xai_results/training_history.png
 	$(PY) demo_xai.py --checkpoint $(CHECKPOINT)
+
+# The explorer on http://127.0.0.1:8501 (settings in .streamlit/config.toml).
+app: $(VENV)/.installed
+	XAI_CHECKPOINT=$(CHECKPOINT) $(PY) -m streamlit run app.py
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_train.py

@@ -1,0 +1,419 @@
+"""Interactive explorer: every heatmap next to the evidence for trusting it.
+
+    make app                                    # http://127.0.0.1:8501
+    XAI_CHECKPOINT=my.pkl CIFAR10_DIR=... streamlit run app.py
+
+Pick a test image (by record, by class, or only the misclassified ones) or upload your
+own, choose explainers and a target class, and each map is shown as an overlay and as a
+raw heatmap with its colour bar, next to
+  - its deletion and insertion AUC on this image, against a random map's;
+  - the method's sanity checks from the evaluation of this checkpoint
+    (`evaluate_xai.py`: cascading randomisation, and faithfulness over 1,000 images);
+  - the time it took.
+
+The checkpoint is `$XAI_CHECKPOINT`, else `cifar10_model.pkl`, else the shipped pretrained
+one; the data is `$CIFAR10_DIR` (both can be changed in the sidebar). The model, the data
+and the jitted functions are cached across interactions with `st.cache_resource`.
+"""
+
+import io
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from cifar10_data import CLASS_NAMES
+
+ROOT = Path(__file__).resolve().parent
+EVIDENCE_STEP = 32               # pixels per point of the per-image deletion/insertion curves
+MAX_UPLOAD_PIXELS = 40_000_000   # larger uploads are refused before they are decoded
+DISPLAY_SCALE = 6                # 32 px images are shown 192 px wide, pixels kept sharp
+LABELS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "saliency": "Saliency",
+          "smoothgrad": "SmoothGrad", "grad_x_input": "Gradient × Input",
+          "integrated_gradients": "Integrated Gradients", "occlusion": "Occlusion",
+          "rise": "RISE", "guided_backprop": "Guided Backprop",
+          "guided_gradcam": "Guided Grad-CAM"}
+DEFAULT_METHODS = ("gradcam", "saliency")
+POOLS = ("every test image", "one class", "misclassified only")
+EVALUATIONS = (ROOT / "xai_results" / "evaluation" / "evaluation.json",
+               ROOT / "docs" / "evaluation" / "evaluation.json")
+
+
+# ----------------------------------------------------------------------------------------
+# Uploads: any size or format Pillow reads becomes a 32x32 RGB image, or a clear refusal.
+
+
+class UploadError(ValueError):
+    """An upload that cannot be explained; the message says why, for the page."""
+
+
+def read_upload(data: bytes, name: str = "the upload"):
+    """Decodes an uploaded file into a (32, 32, 3) uint8 image.
+
+    Returns (image, notes): `notes` says in words what was done to the file (frames
+    dropped, mode converted, transparency flattened, crop and resize). Raises
+    UploadError for an empty file, a file Pillow cannot read, an image over
+    MAX_UPLOAD_PIXELS, or one that fails to decode.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise UploadError(f"{name} is empty (0 bytes); choose an image file.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > MAX_UPLOAD_PIXELS:
+                raise UploadError(
+                    f"{name} is {width}×{height} ({width * height / 1e6:.0f} megapixels); "
+                    f"the limit is {MAX_UPLOAD_PIXELS / 1e6:.0f} megapixels.")
+            notes = [f"{name}: {img.format or 'image'}, {width}×{height}, mode {img.mode}."]
+            frames = getattr(img, "n_frames", 1)
+            if frames > 1:
+                notes.append(f"It is animated ({frames} frames); the first frame is explained.")
+                img.seek(0)
+            img.load()
+            img = _to_rgb(img, notes)
+    except UnidentifiedImageError:
+        raise UploadError(f"{name} is not an image that Pillow can read "
+                          f"({len(data):,} bytes); try PNG, JPEG, GIF, BMP or WebP.") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UploadError(f"{name} is too large to decode safely; the limit is "
+                          f"{MAX_UPLOAD_PIXELS / 1e6:.0f} megapixels.") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        if isinstance(e, UploadError):
+            raise
+        raise UploadError(f"{name} could not be decoded ({e}); the file may be truncated "
+                          "or corrupted.") from None
+    side = min(img.size)
+    if img.size != (side, side):
+        left, top = (img.size[0] - side) // 2, (img.size[1] - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+        notes.append(f"It was center-cropped to {side}×{side}.")
+    if img.size != (32, 32):
+        img = img.resize((32, 32), Image.Resampling.LANCZOS)
+        notes.append("It was resized to 32×32, the size the model reads.")
+    return np.asarray(img, np.uint8), notes
+
+
+def _to_rgb(img, notes):
+    from PIL import Image
+
+    mode = img.mode
+    if mode.startswith("I") or mode == "F":  # 16- or 32-bit grayscale: rescale to 8 bits
+        values = np.asarray(img, np.float64)
+        top = 65535.0 if mode.startswith("I;16") else max(values.max(), 1e-12)
+        img = Image.fromarray(np.clip(values / top * 255, 0, 255).astype(np.uint8), "L")
+        notes.append(f"Its {mode} pixels were rescaled to 8 bits.")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        notes.append("Its transparency was flattened onto white.")
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if img.mode != "RGB":
+        kind = "grayscale" if img.mode in ("1", "L") else img.mode
+        notes.append(f"It was converted from {kind} to RGB.")
+    return img.convert("RGB")
+
+
+# ----------------------------------------------------------------------------------------
+# Evidence that does not depend on Streamlit.
+
+
+def sanity_status(checkpoint, method):
+    """The method's card from an evaluation of this checkpoint, or None.
+
+    Looks at `make evaluate`'s output, then the shipped evaluation of the pretrained
+    checkpoint; a report counts only when it evaluated the same file.
+    """
+    target = Path(checkpoint).resolve()
+    for path in EVALUATIONS:
+        if not path.is_file():
+            continue
+        report = json.loads(path.read_text())
+        evaluated = Path(report.get("config", {}).get("checkpoint") or "")
+        candidates = {evaluated.resolve(), (ROOT / evaluated).resolve()}
+        card = report.get("methods", {}).get(method)
+        if card and target in candidates:
+            return {"report": path, "num_images": report["num_images"],
+                    "random": report["random_reference"], **card}
+    return None
+
+
+def describe_sanity(card):
+    """One line of Markdown per check, from a card of `sanity_status`."""
+    if card is None:
+        return ["Sanity checks: **not evaluated** for this checkpoint (run `make evaluate`)."]
+    v, rnd = card["verdicts"], card["random"]
+    rho = v["randomization_mean_abs_spearman"]
+    return [
+        f"Randomisation test: **{v['randomization']}** (mean |ρ| {rho:.2f} to the trained "
+        f"model's maps over {len(card['randomization_levels'])} levels; < 0.5 passes)",
+        f"Over {card['num_images']:,} images: deletion AUC {card['deletion_auc']:.3f} "
+        f"({'below' if v['deletion_below_random'] else 'not below'} random "
+        f"{rnd['deletion_auc']:.3f}), insertion AUC {card['insertion_auc']:.3f} "
+        f"({'above' if v['insertion_above_random'] else 'not above'} random "
+        f"{rnd['insertion_auc']:.3f})",
+    ]
+
+
+def top_k(probs, k=3):
+    order = np.argsort(probs)[::-1][:k]
+    return [(CLASS_NAMES[i], float(probs[i])) for i in order]
+
+
+def heatmap_figure(image, heatmap, raw, signed, title):
+    """Overlay (normalised map over the image) and raw heatmap, each with a colour bar.
+    Signed maps are drawn on a diverging scale centred on 0."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    from xai_visualizations import overlay
+
+    fig = Figure(figsize=(6.4, 2.8), dpi=100)
+    left, right = fig.subplots(1, 2)
+    left.imshow(overlay(image, heatmap), interpolation="nearest")
+    fig.colorbar(ScalarMappable(Normalize(0, 1), "jet"), ax=left, fraction=0.046,
+                 label="normalised")
+    left.set_title(f"{title}: overlay", fontsize=9)
+    limit = float(np.abs(raw).max()) or 1.0
+    im = right.imshow(raw, cmap="bwr" if signed else "jet", interpolation="nearest",
+                      vmin=-limit if signed else None, vmax=limit if signed else None)
+    fig.colorbar(im, ax=right, fraction=0.046, label="raw value")
+    right.set_title(f"{title}: raw heatmap", fontsize=9)
+    for ax in (left, right):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------
+# The page.
+
+
+def main():
+    import streamlit as st
+
+    st.set_page_config(page_title="cifar10-xai explorer", layout="wide")
+    st.title("cifar10-xai explorer")
+    st.caption("Each heatmap next to the evidence for trusting it: its deletion and "
+               "insertion AUC on this image, the method's sanity checks, and its time.")
+
+    from xai_visualizations import METHODS
+
+    with st.sidebar:
+        st.header("Model and data")
+        default = os.environ.get("XAI_CHECKPOINT") or _default_checkpoint()
+        checkpoint = st.text_input("Checkpoint", value=default)
+        data_dir = st.text_input("CIFAR-10 folder", value=os.environ.get("CIFAR10_DIR", ""))
+        st.header("Explain")
+        methods = st.multiselect("Explainers", list(METHODS), default=list(DEFAULT_METHODS),
+                                 format_func=LABELS.get)
+        target_name = st.selectbox("Target class", ("predicted",) + CLASS_NAMES)
+
+    try:
+        load_model(checkpoint, _mtime(checkpoint))
+    except (OSError, ValueError) as e:
+        st.error(f"Could not load the checkpoint: {e}")
+        st.stop()
+
+    source = st.radio("Image", ("Test set", "Upload"), horizontal=True)
+    if source == "Test set":
+        image_u8, label, record = choose_test_image(st, checkpoint, data_dir)
+    else:
+        image_u8, label, record = choose_upload(st)
+    image = image_u8.astype(np.float32) / 255
+
+    probs = predict(checkpoint, _mtime(checkpoint), image[None])[0]
+    pred = int(np.argmax(probs))
+    target = pred if target_name == "predicted" else CLASS_NAMES.index(target_name)
+    show_prediction(st, image_u8, probs, pred, label, record)
+    if not methods:
+        st.info("Choose one or more explainers in the sidebar.")
+        return
+    for method in methods:
+        show_method(st, checkpoint, method, image, target, pred)
+
+
+def _default_checkpoint():
+    from train_cifar10 import default_checkpoint
+    return str(default_checkpoint())
+
+
+def _mtime(path):
+    """Part of the cache key, so a checkpoint rewritten on disk is loaded again."""
+    try:
+        return os.path.getmtime(path)
+    except OSError:
+        return None
+
+
+def _cache(fn):
+    import streamlit as st
+    return st.cache_resource(show_spinner=False, max_entries=8)(fn)
+
+
+@_cache
+def load_model(checkpoint, mtime):
+    from train_cifar10 import load_checkpoint
+    return load_checkpoint(checkpoint)
+
+
+@_cache
+def _jitted_forward(checkpoint, mtime):
+    import jax
+    model, variables = load_model(checkpoint, mtime)
+    return jax.jit(lambda x: jax.nn.softmax(model.apply(variables, x)))
+
+
+def predict(checkpoint, mtime, images):
+    return np.asarray(_jitted_forward(checkpoint, mtime)(images))
+
+
+@_cache
+def load_test_set(data_dir):
+    from cifar10_data import load_cifar10
+    data = load_cifar10(data_dir or None)
+    return data.test_images, data.test_labels
+
+
+@_cache
+def test_predictions(checkpoint, mtime, data_dir, _bar=None):
+    """Predicted classes of every test image, 500 at a time (same shapes: one compile)."""
+    images, _ = load_test_set(data_dir)
+    chunk, preds = 500, []
+    for start in range(0, len(images), chunk):
+        part = images[start:start + chunk].astype(np.float32) / 255
+        padded = np.concatenate([part, np.zeros((chunk - len(part),) + part.shape[1:],
+                                                np.float32)])
+        preds.append(predict(checkpoint, mtime, padded)[:len(part)].argmax(-1))
+        if _bar is not None:
+            _bar.progress(min(start + chunk, len(images)) / len(images),
+                          text=f"predicting the test set: {start + len(part):,} / {len(images):,}")
+    return np.concatenate(preds)
+
+
+@_cache
+def explainer(checkpoint, mtime, method):
+    from xai_visualizations import Explainer
+    model, _ = load_model(checkpoint, mtime)
+    return Explainer(model, method)
+
+
+@_cache
+def evidence_fn(checkpoint, mtime):
+    """Deletion and insertion AUC of (map, random map) on one image: one compile."""
+    import jax
+    import jax.numpy as jnp
+
+    from xai_metrics import deletion_insertion
+    model, variables = load_model(checkpoint, mtime)
+
+    def fn(image, maps, target):
+        out = deletion_insertion(model, variables, jnp.repeat(image[None], 2, 0), maps,
+                                 jnp.full((2,), target), step=EVIDENCE_STEP)
+        return out["deletion_auc"], out["insertion_auc"]
+
+    return jax.jit(fn)
+
+
+def choose_test_image(st, checkpoint, data_dir):
+    try:
+        with st.spinner("loading the CIFAR-10 test set"):
+            images, labels = load_test_set(data_dir)
+    except Exception as e:  # noqa: BLE001 - any data problem is shown, not raised
+        st.error(f"Could not load CIFAR-10 from {data_dir or 'the default places'}: {e}. "
+                 "Set the CIFAR-10 folder in the sidebar, or upload an image instead.")
+        st.stop()
+    left, right = st.columns(2)
+    pool_kind = left.selectbox("Show", POOLS)
+    if pool_kind == "one class":
+        name = right.selectbox("Class", CLASS_NAMES)
+        pool = np.flatnonzero(labels == CLASS_NAMES.index(name))
+    elif pool_kind == "misclassified only":
+        bar = st.progress(0.0, text="predicting the test set")
+        preds = test_predictions(checkpoint, _mtime(checkpoint), data_dir, _bar=bar)
+        bar.empty()
+        pool = np.flatnonzero(preds != labels)
+        right.caption(f"{len(pool):,} of {len(labels):,} test images are misclassified "
+                      f"({1 - len(pool) / len(labels):.1%} accuracy).")
+    else:
+        pool = np.arange(len(labels))
+    if len(pool) == 0:
+        st.warning("No test image matches.")
+        st.stop()
+    position = st.number_input(f"Image (1 – {len(pool):,} of those shown)", min_value=1,
+                               max_value=len(pool), value=1, step=1)
+    record = int(pool[int(position) - 1])
+    return images[record], int(labels[record]), record
+
+
+def choose_upload(st):
+    upload = st.file_uploader("Upload an image (any size or format Pillow reads)")
+    if upload is None:
+        st.info("Choose a file to explain.")
+        st.stop()
+    try:
+        image, notes = read_upload(upload.getvalue(), name=upload.name)
+    except UploadError as e:
+        st.error(str(e))
+        st.stop()
+    st.info(" ".join(notes))
+    return image, None, None
+
+
+def show_prediction(st, image_u8, probs, pred, label, record):
+    left, right = st.columns([1, 3])
+    big = np.repeat(np.repeat(image_u8, DISPLAY_SCALE, 0), DISPLAY_SCALE, 1)
+    where = f"test record {record}" if record is not None else "your upload"
+    left.image(big, caption=where)
+    verdict = ""
+    if label is not None:
+        verdict = (f" — true class **{CLASS_NAMES[label]}**, "
+                   + ("correct" if label == pred else "**misclassified**"))
+    right.markdown(f"### Prediction: {CLASS_NAMES[pred]} ({probs[pred]:.1%}){verdict}")
+    right.markdown("Top 3: " + ", ".join(f"{name} {p:.1%}" for name, p in top_k(probs)))
+
+
+def show_method(st, checkpoint, method, image, target, pred):
+    from xai_visualizations import METHODS, normalize_maps
+
+    mtime = _mtime(checkpoint)
+    _, variables = load_model(checkpoint, mtime)
+    explain = explainer(checkpoint, mtime, method)
+    params, stats = variables["params"], variables.get("batch_stats")
+    compiling = not getattr(explain, "warm", False)
+    start = time.perf_counter()
+    raw, _, score = explain.explain(params, stats, image, target, normalize=False)
+    seconds = time.perf_counter() - start
+    explain.warm = True
+    heatmap = np.asarray(normalize_maps(raw))
+    random_map = np.random.default_rng(0).uniform(size=raw.shape).astype(np.float32)
+    deletion, insertion = evidence_fn(checkpoint, mtime)(image, np.stack([raw, random_map]),
+                                                         target)
+    st.subheader(f"{LABELS[method]} — {CLASS_NAMES[target]}"
+                 + ("" if target == pred else " (not the predicted class)"))
+    left, right = st.columns([2, 1])
+    fig = heatmap_figure(image, heatmap, raw, METHODS[method].signed, LABELS[method])
+    left.pyplot(fig, clear_figure=True)
+    lines = [
+        f"Deletion AUC on this image: **{float(deletion[0]):.3f}** (random map "
+        f"{float(deletion[1]):.3f}; lower is better)",
+        f"Insertion AUC on this image: **{float(insertion[0]):.3f}** (random map "
+        f"{float(insertion[1]):.3f}; higher is better)",
+        *describe_sanity(sanity_status(checkpoint, method)),
+        f"Time: {seconds * 1000:,.0f} ms" + (", including compilation (its first call)"
+                                              if compiling else ""),
+        f"p({CLASS_NAMES[target]}) = {score:.1%}",
+    ]
+    right.markdown("\n".join(f"- {line}" for line in lines))
+
+
+if __name__ == "__main__":
+    main()
