@@ -13,14 +13,22 @@ import app
 import cifar10_data
 import train_cifar10 as tc
 from cifar10_data import CLASS_NAMES
-from test_demo import checkpoint, data  # noqa: F401 (fixtures)
+from test_demo import data  # noqa: F401 (a fixture)
 
 APP = str(app.ROOT / "app.py")
 AppTest = pytest.importorskip("streamlit.testing.v1").AppTest  # not on the GPU machine
 
 
+@pytest.fixture(scope="module")
+def checkpoint(tiny_model, tiny_variables, tmp_path_factory):
+    """The untrained tiny model: it misclassifies plenty, which the filters need."""
+    path = tmp_path_factory.mktemp("app") / "tiny.pkl"
+    tc.save_checkpoint(path, tiny_model, tiny_variables)
+    return path
+
+
 @pytest.fixture
-def page(checkpoint, data, monkeypatch):  # noqa: F811
+def page(checkpoint, data, monkeypatch):  # noqa: F811 (data)
     """A fresh session of the page on the tiny checkpoint and the synthetic test set."""
     monkeypatch.setattr(cifar10_data, "load_cifar10", lambda data_dir: data)
     monkeypatch.setenv("XAI_CHECKPOINT", str(checkpoint))

@@ -9,6 +9,7 @@ import pytest
 import cifar10_data
 import demo_xai
 import train_cifar10 as tc
+from cifar10_cnn_model import CIFAR10CNN
 
 CONFIG = tc.TrainConfig(epochs=1, batch_size=16, lr=1e-2, width=4, val_fraction=0.2,
                         quiet=True)
@@ -64,11 +65,13 @@ def _readme_block(heading):
 
 
 def test_seed_custom_xai_snippet_runs_as_written(data, tmp_path, monkeypatch):
-    """The README's snippet, unchanged, on a width-64 checkpoint from train_cifar10.main."""
-    monkeypatch.setattr(cifar10_data, "load_cifar10", lambda data_dir: data)
+    """The README's snippet, unchanged, on a width-64 checkpoint written by
+    `train_cifar10.save_checkpoint` (what training writes; untrained, to save the
+    compilation of a width-64 training step)."""
     monkeypatch.chdir(tmp_path)
-    tc.main(["--epochs", "1", "--batch-size", "16", "--val-fraction", "0.2", "--quiet",
-             "--history-plot", "history.png"])
+    model = CIFAR10CNN()
+    variables = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+    tc.save_checkpoint("cifar10_model.pkl", model, variables)
     image = data.test_images[3] / np.float32(255)
     scope = {"your_image": image}
     exec(_readme_block("### Custom XAI analysis"), scope)

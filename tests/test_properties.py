@@ -19,7 +19,7 @@ import xai_metrics as xm
 import xai_visualizations as xv
 
 N = 3  # images per batch
-METHODS = ("gradcam", "gradcam++", "saliency", "grad_x_input")
+METHODS = ("gradcam", "saliency", "grad_x_input")  # a CAM, an unsigned and a signed gradient
 KINDS = ("noise", "constant", "stripes", "black", "white")
 
 
@@ -56,14 +56,10 @@ def test_explainer_contracts(method, images, target, index, explainers, tiny_mod
                              tiny_variables):
     explainer = explainers[method]
     params, stats = tiny_variables["params"], tiny_variables["batch_stats"]
-    maps, preds, scores = explainer.explain(params, stats, images, target)
-    raw, _, _ = explainer.explain(params, stats, images, target, normalize=False)
+    raw, preds, scores = explainer.explain(params, stats, images, target, normalize=False)
 
-    # Shape and range: normalised maps are min-max scaled raw maps in [0, 1] (a constant
-    # map is all zeros); unsigned methods never give a negative raw value.
-    assert maps.shape == raw.shape == (N, 32, 32) and maps.dtype == np.float32
-    assert np.isfinite(raw).all() and (maps >= 0).all() and (maps <= 1).all()
-    np.testing.assert_allclose(maps, xv.normalize_maps(raw), atol=1e-6)
+    # Shape and range: finite raw maps; unsigned methods never give a negative value.
+    assert raw.shape == (N, 32, 32) and raw.dtype == np.float32 and np.isfinite(raw).all()
     if not explainer.signed:
         assert (raw >= 0).all()
 
@@ -74,11 +70,12 @@ def test_explainer_contracts(method, images, target, index, explainers, tiny_mod
     explained = preds if target is None else np.broadcast_to(target, (N,))
     np.testing.assert_allclose(scores, probs[np.arange(N), explained], atol=1e-6)
 
-    # Batch contract: one image alone gives what it gives inside the batch.
+    # Batch contract: one image alone gives, normalised, its batch map min-max scaled into
+    # [0, 1] (a constant map is all zeros), and the same prediction and score.
     one_target = target if target is None or np.isscalar(target) else target[index]
-    one, pred, score = explainer.explain(params, stats, images[index], one_target,
-                                         normalize=False)
-    np.testing.assert_allclose(one, raw[index], atol=1e-5, rtol=1e-4)
+    one, pred, score = explainer.explain(params, stats, images[index], one_target)
+    assert one.shape == (32, 32) and (one >= 0).all() and (one <= 1).all()
+    np.testing.assert_allclose(one, xv.normalize_maps(raw[index]), atol=2e-4)
     assert pred == preds[index] and score == pytest.approx(scores[index], abs=1e-6)
 
 
