@@ -16,6 +16,7 @@ one; the data is `$CIFAR10_DIR` (both can be changed in the sidebar). The model,
 and the jitted functions are cached across interactions with `st.cache_resource`.
 """
 
+import functools
 import io
 import json
 import os
@@ -255,8 +256,19 @@ def _mtime(path):
 
 
 def _cache(fn):
-    import streamlit as st
-    return st.cache_resource(show_spinner=False, max_entries=8)(fn)
+    """`st.cache_resource`, applied at the first call, so that importing this module (the
+    upload reader, the tests) needs no Streamlit."""
+    cached = None
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        nonlocal cached
+        if cached is None:
+            import streamlit as st
+            cached = st.cache_resource(show_spinner=False, max_entries=8)(fn)
+        return cached(*args, **kwargs)
+
+    return call
 
 
 @_cache

@@ -15,8 +15,9 @@ import train_cifar10 as tc
 from cifar10_data import CLASS_NAMES
 from test_demo import data  # noqa: F401 (a fixture)
 
-APP = str(app.ROOT / "app.py")
 AppTest = pytest.importorskip("streamlit.testing.v1").AppTest  # not on the GPU machine
+
+APP = str(app.ROOT / "app.py")
 
 
 @pytest.fixture(scope="module")
