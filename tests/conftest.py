@@ -1,17 +1,10 @@
 """Shared fixtures: tiny models and synthetic CIFAR-10 files, built once per session."""
 
-import os
 import pickle
 import struct
 from pathlib import Path
 
-# The suite is compile-bound and its programs are tiny: LLVM's -O0 code generation cuts
-# compile time (the XLA graph passes and the arithmetic are unchanged). Set before JAX
-# starts, and inherited by the subprocesses the tests launch.
-os.environ["XLA_FLAGS"] = " ".join(
-    filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
-
-import jax  # noqa: E402
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

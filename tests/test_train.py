@@ -350,8 +350,7 @@ def test_data_parallel_training_matches_one_device(trained_default, synthetic_da
                                          dataclasses.asdict(PARALLEL_CONFIG).items()
                                          if v is not None})
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
-               + " --xla_force_host_platform_device_count=4",
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu", PYTHONPATH=str(root),
                JAX_COMPILATION_CACHE_DIR=str(root / ".cache" / "jax"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2")
