@@ -35,9 +35,11 @@ demo: $(VENV)/.installed
 		--history-plot xai_results/training_history.png
 	$(PY) demo_xai.py --checkpoint $(CHECKPOINT)
 
-# The explorer on http://127.0.0.1:8501 (settings in .streamlit/config.toml).
+# The explorer on http://127.0.0.1:8501 (settings in .streamlit/config.toml); the
+# shipped checkpoint unless APP_CHECKPOINT names another.
+APP_CHECKPOINT ?= pretrained/cifar10_cnn.pkl
 app: $(VENV)/.installed
-	XAI_CHECKPOINT=$(CHECKPOINT) $(PY) -m streamlit run app.py
+	XAI_CHECKPOINT=$(APP_CHECKPOINT) $(PY) -m streamlit run app.py
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_train.py

@@ -1,6 +1,7 @@
 """Interactive explorer: every heatmap next to the evidence for trusting it.
 
     make app                                    # http://127.0.0.1:8501
+    make app APP_CHECKPOINT=cifar10_model.pkl   # your own checkpoint
     XAI_CHECKPOINT=my.pkl CIFAR10_DIR=... streamlit run app.py
 
 Pick a test image (by record, by class, or only the misclassified ones) or upload your
@@ -11,8 +12,8 @@ raw heatmap with its colour bar, next to
     (`evaluate_xai.py`: cascading randomisation, and faithfulness over 1,000 images);
   - the time it took.
 
-The checkpoint is `$XAI_CHECKPOINT`, else `cifar10_model.pkl`, else the shipped pretrained
-one; the data is `$CIFAR10_DIR` (both can be changed in the sidebar). The model, the data
+The checkpoint is `$XAI_CHECKPOINT`, else the shipped pretrained one; the data is
+`$CIFAR10_DIR` (both can be changed in the sidebar). The model, the data
 and the jitted functions are cached across interactions with `st.cache_resource`.
 """
 
@@ -210,7 +211,7 @@ def main():
 
     with st.sidebar:
         st.header("Model and data")
-        default = os.environ.get("XAI_CHECKPOINT") or _default_checkpoint()
+        default = os.environ.get("XAI_CHECKPOINT") or _pretrained()
         checkpoint = st.text_input("Checkpoint", value=default)
         data_dir = st.text_input("CIFAR-10 folder", value=os.environ.get("CIFAR10_DIR", ""))
         st.header("Explain")
@@ -242,9 +243,9 @@ def main():
         show_method(st, checkpoint, method, image, target, pred)
 
 
-def _default_checkpoint():
-    from train_cifar10 import default_checkpoint
-    return str(default_checkpoint())
+def _pretrained():
+    from train_cifar10 import PRETRAINED
+    return str(PRETRAINED)
 
 
 def _mtime(path):
