@@ -297,7 +297,7 @@ def load_test_set(data_dir):
 
 
 @_cache
-def test_predictions(checkpoint, mtime, data_dir, _bar=None):
+def predict_test_set(checkpoint, mtime, data_dir, _bar=None):
     """Predicted classes of every test image, 500 at a time (same shapes: one compile)."""
     images, _ = load_test_set(data_dir)
     chunk, preds = 500, []
@@ -351,7 +351,7 @@ def choose_test_image(st, checkpoint, data_dir):
         pool = np.flatnonzero(labels == CLASS_NAMES.index(name))
     elif pool_kind == "misclassified only":
         bar = st.progress(0.0, text="predicting the test set")
-        preds = test_predictions(checkpoint, _mtime(checkpoint), data_dir, _bar=bar)
+        preds = predict_test_set(checkpoint, _mtime(checkpoint), data_dir, _bar=bar)
         bar.empty()
         pool = np.flatnonzero(preds != labels)
         right.caption(f"{len(pool):,} of {len(labels):,} test images are misclassified "
