@@ -2,13 +2,25 @@
 
 import json
 
+import pytest
+
 import cifar10_data
 import evaluate_xai
-from test_demo import PNG, checkpoint, data  # noqa: F401 (fixtures)
+import train_cifar10 as tc
+from test_demo import PNG, data  # noqa: F401 (a fixture)
 
 FLAGS = ["--num-images", "6", "--chunk", "6", "--randomization-images", "3", "--step", "128",
          "--ig-steps", "8", "--rise-masks", "16", "--occlusion-patch", "8",
          "--occlusion-stride", "8", "--batch-size", "128"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_model, tiny_variables, tmp_path_factory):
+    """An untrained tiny model: the evaluation's mechanics don't need a trained one, and
+    it saves compiling a training step."""
+    path = tmp_path_factory.mktemp("evaluate") / "tiny.pkl"
+    tc.save_checkpoint(path, tiny_model, tiny_variables)
+    return path
 
 
 def test_evaluation_writes_a_card_per_method_tables_and_figures(checkpoint, data,  # noqa: F811
