@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xai_visualizations import map_pairs, normalize_maps, resolve_targets
+from xai_visualizations import _check_int, map_pairs, normalize_maps, resolve_targets
 
 BASELINES = ("zero", "blur", "mean")
 
@@ -61,10 +61,6 @@ def _check_pair(a, b, names=("a", "b")):
                          f"shape, got {shape_a} and {shape_b}")
     return shape_a
 
-
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------------------
