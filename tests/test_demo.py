@@ -1,4 +1,4 @@
-"""demo_xai.py end to end on a tiny trained checkpoint and synthetic CIFAR-10 files."""
+"""demo_xai.py end to end on a tiny untrained checkpoint and synthetic CIFAR-10 files."""
 
 from pathlib import Path
 
@@ -11,8 +11,6 @@ import demo_xai
 import train_cifar10 as tc
 from cifar10_cnn_model import CIFAR10CNN
 
-CONFIG = tc.TrainConfig(epochs=1, batch_size=16, lr=1e-2, width=4, val_fraction=0.2,
-                        quiet=True)
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -24,11 +22,11 @@ def data(binary_dataset):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(data, tmp_path_factory):
-    model, state, metrics = tc.train_and_evaluate(CONFIG, data=data)
+def checkpoint(tiny_model, tiny_variables, tmp_path_factory):
+    """An untrained tiny model: the figures' mechanics don't need a trained one, and it
+    saves compiling a training step."""
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pkl"
-    tc.save_checkpoint(path, model, {"params": state.params,
-                                     "batch_stats": state.batch_stats}, CONFIG, metrics)
+    tc.save_checkpoint(path, tiny_model, tiny_variables)
     return path
 
 
