@@ -139,7 +139,8 @@ def smooth_grad(grad_fn, images, targets, key, *, n_samples=50, noise_level=0.15
 
     Sample s uses the same standard-normal draw (from `fold_in(key, s)`) for every image,
     scaled by that image's σ: an image's map depends only on the key, never on its
-    batch-mates or on `batch_size`.
+    batch-mates or on `batch_size`. (This holds with JAX's default threefry PRNG; with
+    the "rbg" implementations a `vmap` over keys draws other numbers than per-key calls.)
 
     Args:
         grad_fn: `(images, targets) -> grads` of the images' shape; `targets` are

@@ -99,6 +99,14 @@ def write_python_layout(folder, train, test, records=RECORDS, py2=True):
                 pickle.dump(batch, f, protocol=2)
 
 
+@pytest.fixture
+def threefry():
+    """JAX's default PRNG, for the tests of SmoothGrad's batch invariance: `vmap` over
+    keys draws what per-key calls draw only with threefry, not with rbg."""
+    with jax.default_prng_impl("threefry2x32"):
+        yield
+
+
 @pytest.fixture(scope="session")
 def binary_dataset(tmp_path_factory):
     """(folder, (train_images, train_labels), (test_images, test_labels))."""

@@ -199,6 +199,7 @@ def test_guided_grad_cam_is_guided_backprop_times_grad_cam(tiny_model, tiny_vari
 # ------------------------------------------------------------------ contracts
 
 
+@pytest.mark.usefixtures("threefry")
 @pytest.mark.parametrize("method", list(xv.METHODS))
 def test_one_image_alone_equals_it_inside_a_batch(method, tiny_model, tiny_variables, images):
     explainer = xv.Explainer(tiny_model, method, batch_size=512, **SMALL_OPTIONS.get(method, {}))

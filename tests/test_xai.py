@@ -151,6 +151,7 @@ def test_smoothgrad_same_seed_same_map_other_seed_other_map(explainers, tiny_var
     assert np.abs(run(0) - run(1)).max() > 1e-3
 
 
+@pytest.mark.usefixtures("threefry")
 def test_smoothgrad_does_not_depend_on_batch_size(explainers, tiny_variables, images):
     _, saliency = explainers
     run = lambda b: saliency.compute_smooth_saliency(*_pb(tiny_variables), images,
@@ -159,6 +160,7 @@ def test_smoothgrad_does_not_depend_on_batch_size(explainers, tiny_variables, im
     np.testing.assert_allclose(run(3), run(40), rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.usefixtures("threefry")
 def test_smoothgrad_averages_the_noisy_gradients(tiny_model, tiny_variables, images):
     """Against a direct loop over the documented noise: x + σ·N(0, 1) from fold_in(key, s)."""
     key, n_samples, level = jax.random.key(5), 3, 0.2
@@ -200,6 +202,7 @@ def test_predictions_and_scores(explainers, tiny_model, tiny_variables, images):
 # ------------------------------------------------------------------ contracts
 
 
+@pytest.mark.usefixtures("threefry")
 @pytest.mark.parametrize("method", ["gradcam", "saliency", "smooth"])
 @pytest.mark.parametrize("target", [None, 4, "array"])
 def test_one_image_alone_equals_it_inside_a_batch(method, target, explainers,
