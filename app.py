@@ -298,18 +298,18 @@ def load_test_set(data_dir):
 
 @_cache
 def predict_test_set(checkpoint, mtime, data_dir, _bar=None):
-    """Predicted classes of every test image, 500 at a time (same shapes: one compile)."""
+    """Predicted classes of every test image (`demo_xai.predict`, 500 at a time)."""
+    from demo_xai import predict as predict_batches
+
     images, _ = load_test_set(data_dir)
-    chunk, preds = 500, []
-    for start in range(0, len(images), chunk):
-        part = images[start:start + chunk].astype(np.float32) / 255
-        padded = np.concatenate([part, np.zeros((chunk - len(part),) + part.shape[1:],
-                                                np.float32)])
-        preds.append(predict(checkpoint, mtime, padded)[:len(part)].argmax(-1))
+    model, variables = load_model(checkpoint, mtime)
+
+    def progress(done, total):
         if _bar is not None:
-            _bar.progress(min(start + chunk, len(images)) / len(images),
-                          text=f"predicting the test set: {start + len(part):,} / {len(images):,}")
-    return np.concatenate(preds)
+            _bar.progress(done / total, text=f"predicting the test set: {done:,} / {total:,}")
+
+    return predict_batches(model, variables, images, batch_size=500,
+                           on_batch=progress).argmax(-1)
 
 
 @_cache

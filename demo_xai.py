@@ -47,16 +47,22 @@ class DemoConfig:
     quiet: bool = False
 
 
-def predict(model, variables, images, batch_size=250, quiet=False):
-    """Softmax probabilities (N, 10) for uint8 images, in jitted batches."""
+def predict(model, variables, images, batch_size=250, quiet=False, on_batch=None):
+    """Softmax probabilities (N, 10) for uint8 images, in jitted batches.
+
+    `on_batch(done, total)`, when given, is called after each batch (the explorer's
+    progress bar); otherwise a tqdm bar shows progress unless `quiet`.
+    """
     forward = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x / 255.0)))
     probs = []
-    for start in tqdm(range(0, len(images), batch_size), desc="predict", disable=quiet,
-                      leave=False):
+    for start in tqdm(range(0, len(images), batch_size), desc="predict",
+                      disable=quiet or on_batch is not None, leave=False):
         batch = images[start:start + batch_size]
         pad = batch_size - len(batch)  # a fixed shape compiles once
         batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], batch.dtype)])
         probs.append(np.asarray(forward(variables, batch))[:batch_size - pad])
+        if on_batch is not None:
+            on_batch(start + len(probs[-1]), len(images))
     return np.concatenate(probs)
 
 
