@@ -136,7 +136,7 @@ def sanity_status(checkpoint, method):
     for path in EVALUATIONS:
         if not path.is_file():
             continue
-        report = json.loads(path.read_text())
+        report = _read_report(path, path.stat().st_mtime)
         evaluated = Path(report.get("config", {}).get("checkpoint") or "")
         candidates = {evaluated.resolve(), (ROOT / evaluated).resolve()}
         card = report.get("methods", {}).get(method)
@@ -144,6 +144,13 @@ def sanity_status(checkpoint, method):
             return {"report": path, "num_images": report["num_images"],
                     "random": report["random_reference"], **card}
     return None
+
+
+@functools.lru_cache(maxsize=4)
+def _read_report(path, mtime):
+    """An evaluation report, read once per version of the file (not once per method and
+    page run)."""
+    return json.loads(path.read_text())
 
 
 def describe_sanity(card):
