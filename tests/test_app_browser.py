@@ -92,7 +92,7 @@ def _wait_for_page(page, heading):
                                                             timeout=TIMEOUT_MS)
 
 
-def test_the_page_explains_images_in_a_real_browser(server, data_dir):
+def test_the_page_explains_images_in_a_real_browser(server):
     from playwright.sync_api import expect, sync_playwright
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
