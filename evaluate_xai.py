@@ -144,13 +144,21 @@ class Evaluation:
             return xv.explain(method, model, variables, images, targets, key,
                               batch_size=c.batch_size, **options)[0]
 
+        def explain_and_gaps(variables, images, targets):
+            """The maps, and for IG its completeness gaps from the same pass."""
+            if method != "integrated_gradients":
+                return explain(variables, images, targets), None
+            attributions, gaps, _, _ = xv.integrated_gradients(
+                model, variables, images, targets, batch_size=c.batch_size, **options)
+            return xv.sum_channels(attributions), gaps
+
         chunk = min(c.chunk, len(self.images))
         start = time.perf_counter()
-        fn = jax.jit(explain).lower(self.variables, self.images[:chunk],
-                                    self.preds[:chunk]).compile()
+        fn = jax.jit(explain_and_gaps).lower(self.variables, self.images[:chunk],
+                                             self.preds[:chunk]).compile()
         compile_s = time.perf_counter() - start
         bar = tqdm(total=len(self.images), desc=f"  {method}", disable=c.quiet, leave=False)
-        maps, seconds = _timed(lambda: run_chunks(
+        (maps, gaps), seconds = _timed(lambda: run_chunks(
             lambda x, t: fn(self.variables, x, t), [self.images, self.preds], chunk, bar))
         bar.close()
         curves, curve_s = self.curves(maps)
@@ -160,7 +168,7 @@ class Evaluation:
                                                                         x, t))
         rand_maps = levels(self.stacked, self.variables, self.rand_images, self.rand_targets)
         randomization = xm.summarize(xm.similarity(rand_maps, maps[:r]))
-        other_maps = run_chunks(lambda x, t: fn(self.variables, x, t),
+        other_maps = run_chunks(lambda x, t: fn(self.variables, x, t)[0],
                                 [self.rand_images, self.other], chunk)
         random_logit = xm.summarize(xm.similarity(other_maps, maps[:r]), axis=None)
         forward, backward = xv.METHODS[method].passes(options)
@@ -182,11 +190,7 @@ class Evaluation:
             "compile_s": round(compile_s, 2),
             "deletion_insertion_s": round(curve_s, 2),
         }
-        if method == "integrated_gradients":
-            gap_fn = jax.jit(lambda v, x, t: xv.integrated_gradients(
-                model, v, x, t, steps=options["steps"], batch_size=c.batch_size)[1])
-            gaps = run_chunks(lambda x, t: gap_fn(self.variables, x, t),
-                              [self.images, self.preds], chunk)
+        if gaps is not None:
             card["completeness_gap"] = {"mean": float(jnp.mean(gaps)),
                                         "median": float(jnp.median(gaps)),
                                         "max": float(jnp.max(gaps))}
