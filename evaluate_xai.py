@@ -109,7 +109,7 @@ class Evaluation:
         self.fractions = xm.curve_fractions(images.shape[1] * images.shape[2], config.step)
         r = min(config.randomization_images, len(images))
         self.rand_images, self.rand_targets = images[:r], self.preds[:r]
-        fresh = model.init(jax.random.fold_in(self.key, 1), images[:1])["params"]
+        fresh = jax.jit(model.init)(jax.random.fold_in(self.key, 1), images[:1])["params"]
         self.levels, self.stacked = xm.cascading_randomization(model, variables, fresh)
         self.other = xm.random_other_classes(jax.random.fold_in(self.key, 2),
                                              self.rand_targets, model.num_classes)
