@@ -1,8 +1,13 @@
 """Trains the CIFAR-10 CNN and writes a checkpoint, a JSON report and a history plot.
 
-    python train_cifar10.py                      # the seed recipe: Adam 1e-3, 50 epochs
+    python train_cifar10.py                      # the default recipe, 50 epochs
     python train_cifar10.py --train-subset 2000 --epochs 2
-    python train_cifar10.py --smoke              # a tiny model, a few seconds on CPU
+    python train_cifar10.py --smoke              # seconds on CPU, into xai_results/
+
+After every epoch the whole training state goes to the run's own folder, next to the
+checkpoint: `cifar10_model.states/<settings key>/`, so runs with other outputs or other
+settings never share one. The same command with `--resume` continues an interrupted run;
+the command prints it when it starts and when it is interrupted.
 
 Images stay on the device as uint8 (N, 32, 32, 3) and are scaled to [0, 1] inside the
 jitted step. The checkpoint is a pickle of plain numpy arrays, dicts, lists, strings and
@@ -13,6 +18,7 @@ model from it.
 import argparse
 import dataclasses
 import functools
+import hashlib
 import json
 import numbers
 import os
@@ -33,6 +39,7 @@ from flax.training import train_state
 from tqdm.auto import tqdm
 
 import cifar10_data
+import cli
 from cifar10_cnn_model import CIFAR10CNN, model_config
 
 # What each recipe sets; flags override only the learning rate.
@@ -84,13 +91,16 @@ class TrainConfig:
                                     default=None)
     output: str = _help("checkpoint path; the JSON report goes next to it",
                         default="cifar10_model.pkl")
-    history_plot: str = _help("where to save the loss and accuracy curves",
-                              default="training_history.png")
+    history_plot: Optional[str] = _help("where to save the loss and accuracy curves; "
+                                        "default: next to the checkpoint, "
+                                        "<output>_history.png", default=None)
     checkpoint_dir: Optional[str] = _help(
-        "where the full training state is saved after every epoch (the command line's "
-        "default: checkpoints/); None saves none", default=None)
+        "where the full training state is saved after every epoch; None saves none (the "
+        "command line's default: the run's own folder, <output>.states/<settings key>/)",
+        default=None)
     keep: int = _help("training states kept in checkpoint_dir (the newest)", default=3)
-    resume: bool = _help("continue from the newest state in checkpoint_dir", default=False)
+    resume: bool = _help("continue this run from its newest state in checkpoint_dir",
+                         default=False)
     quiet: bool = _help("no progress bars or per-epoch lines", default=False)
 
     def __post_init__(self):
@@ -130,8 +140,10 @@ class TrainConfig:
                                  f"got {getattr(self, name)!r}")
 
 
-# A run of a few seconds on CPU, to check that everything works end to end.
-SMOKE = dict(epochs=2, train_subset=1024, width=8, batch_size=64)
+# A run of a few seconds on CPU, to check that everything works end to end. It writes
+# into xai_results/, so that it never shadows a real cifar10_model.pkl.
+SMOKE = dict(epochs=2, train_subset=1024, width=8, batch_size=64,
+             output="xai_results/smoke_model.pkl")
 
 
 class TrainState(train_state.TrainState):
@@ -398,6 +410,24 @@ def newest_state(directory) -> Optional[Path]:
     return states[-1] if states else None
 
 
+def read_state(path) -> dict:
+    """The record `save_state` wrote: {'epoch', 'leaves', 'history', 'config'}, checked."""
+    try:
+        record = cifar10_data.safe_pickle_load(path)
+        record = {"config": dict(record["config"]), "leaves": list(record["leaves"]),
+                  "epoch": int(record["epoch"]), "history": list(record["history"])}
+    except Exception as e:
+        raise ValueError(f"training state {str(path)!r} is not readable ({type(e).__name__}: "
+                         f"{e}); delete it to resume from the one before") from None
+    return record
+
+
+def _differences(saved: dict, config: TrainConfig) -> dict:
+    """{field: (saved, now)} for each run-shaping setting that differs."""
+    return {k: (saved.get(k), getattr(config, k)) for k in _RUN_FIELDS
+            if saved.get(k) != getattr(config, k)}
+
+
 def load_state(path, template, config: TrainConfig):
     """Rebuilds a saved training state on the structure of `template` (a fresh state of
     the same config), checking the config, the number of arrays and each shape and dtype.
@@ -405,15 +435,9 @@ def load_state(path, template, config: TrainConfig):
     Returns:
         (state, epoch, history).
     """
-    try:
-        record = cifar10_data.safe_pickle_load(path)
-        saved, leaves = record["config"], record["leaves"]
-        epoch, history = int(record["epoch"]), list(record["history"])
-    except Exception as e:
-        raise ValueError(f"training state {str(path)!r} is not readable ({type(e).__name__}: "
-                         f"{e}); delete it to resume from the one before") from None
-    differ = {k: (saved.get(k), getattr(config, k)) for k in _RUN_FIELDS
-              if saved.get(k) != getattr(config, k)}
+    record = read_state(path)
+    leaves, epoch, history = record["leaves"], record["epoch"], record["history"]
+    differ = _differences(record["config"], config)
     if differ:
         raise ValueError(f"cannot resume from {str(path)!r}: it was trained with other "
                          f"settings (saved, now): {differ}")
@@ -434,6 +458,129 @@ def load_state(path, template, config: TrainConfig):
     return jax.tree.unflatten(treedef, restored), epoch, history
 
 
+# ---------------------------------------------------------------- runs and their folders
+
+
+def history_plot_path(config: TrainConfig) -> Path:
+    """`config.history_plot`, else `<output stem>_history.png` next to the checkpoint."""
+    if config.history_plot:
+        return Path(config.history_plot)
+    output = Path(config.output)
+    return output.with_name(output.stem + "_history.png")
+
+
+def run_directory(config: TrainConfig) -> Path:
+    """The run's own folder for its training states, `<output stem>.states/<key>/`.
+
+    The key hashes the settings that shape the run, so two runs share a folder only
+    when they write the same checkpoint with the same settings: when they are one run.
+    """
+    settings = json.dumps({k: getattr(config, k) for k in _RUN_FIELDS}, sort_keys=True)
+    output = Path(config.output)
+    return (output.with_name(output.stem + ".states")
+            / hashlib.sha256(settings.encode()).hexdigest()[:8])
+
+
+def command_line(config: TrainConfig, *, resume: bool = True) -> str:
+    """The shell command that runs `config`, and with `resume` continues it.
+
+    Flags are given only where `config` differs from the defaults, or from `--smoke`'s
+    when it is a smoke run; `--checkpoint-dir` only when it is not the run's own folder.
+    """
+    def flags(base):
+        words = []
+        for field in dataclasses.fields(TrainConfig):
+            value = getattr(config, field.name)
+            if (field.name == "resume" or value is None or value is False
+                    or value == getattr(base, field.name)
+                    or (field.name == "checkpoint_dir"
+                        and Path(value) == run_directory(config))):
+                continue
+            words.append("--" + field.name.replace("_", "-"))
+            if value is not True:
+                words.append(str(value))
+        return words
+
+    words = min(flags(TrainConfig()), ["--smoke"] + flags(TrainConfig(**SMOKE)), key=len)
+    return shlex.join(["python", _shown(__file__)] + words + (["--resume"] if resume else []))
+
+
+def _other_runs(config: TrainConfig) -> str:
+    """Says which other runs of the same checkpoint have states, and how to resume each."""
+    own = run_directory(config)
+    if Path(config.checkpoint_dir) != own or not own.parent.is_dir():
+        return ""
+    runs = []
+    for folder in sorted(own.parent.iterdir()):
+        saved = newest_state(folder) if folder.is_dir() else None
+        if saved is None or folder == own:
+            continue
+        try:
+            settings = read_state(saved)["config"]
+            other = dataclasses.replace(config, **{k: settings[k] for k in _RUN_FIELDS},
+                                        checkpoint_dir=str(folder), resume=True)
+        except (ValueError, TypeError, KeyError):
+            continue
+        epoch = int(saved.stem.split("_")[-1])
+        progress = ("finished" if epoch >= other.epochs
+                    else f"after epoch {epoch} of {other.epochs}")
+        runs.append(f"{folder} ({progress}; settings (there, here): "
+                    f"{_differences(settings, config)}; resume it with "
+                    f"`{command_line(other)}`)")
+    return ("; other runs of this checkpoint: " + "; ".join(runs)) if runs else ""
+
+
+def claim_run_directory(config: TrainConfig, quiet: bool = False) -> Optional[Path]:
+    """Checks `config.checkpoint_dir` before any work; returns the state to resume from,
+    or None to start fresh.
+
+    `resume` needs a state of this run there. A fresh run refuses a folder that holds
+    another run's states, or this run unfinished (resume it instead). It starts a
+    finished run of the same settings over, deleting that run's states first, so that
+    an interruption never resumes from the old ones.
+    """
+    directory = Path(config.checkpoint_dir)
+    saved = newest_state(directory)
+    if config.resume and saved is None:
+        raise ValueError(f"nothing to resume: {str(directory)!r} holds no training state "
+                         "of this run (run without --resume to start it)"
+                         + _other_runs(config))
+    if saved is None:
+        return None
+    record = read_state(saved)
+    differ = _differences(record["config"], config)
+    if config.resume:
+        if differ:
+            raise ValueError(f"cannot resume from {str(saved)!r}: it was trained with other "
+                             f"settings (saved, now): {differ}")
+        return saved
+    if differ:
+        raise ValueError(f"checkpoint_dir {str(directory)!r} holds the training states of "
+                         f"another run, trained with other settings (saved, now): {differ}; "
+                         "choose another --checkpoint-dir, or leave it out to use this "
+                         "run's own folder")
+    if record["epoch"] < config.epochs:
+        raise ValueError(f"checkpoint_dir {str(directory)!r} holds this run, stopped after "
+                         f"epoch {record['epoch']} of {config.epochs}; resume it with "
+                         f"`{command_line(config)}`, or delete {str(directory)!r} to start "
+                         "over")
+    if not quiet:
+        print(f"starting over: this run finished before; replacing its states in "
+              f"{directory}")
+    for old in directory.glob("state_*.pkl"):
+        old.unlink()
+    return None
+
+
+def interruption_note(config: TrainConfig) -> str:
+    """What an interrupted run tells its user: where its progress is, and how to resume."""
+    saved = newest_state(config.checkpoint_dir) if config.checkpoint_dir else None
+    if saved is None:
+        return "no epoch had finished, so there is nothing to resume"
+    return (f"the state after epoch {int(saved.stem.split('_')[-1])} is in {saved}; "
+            f"resume with: {command_line(config)}")
+
+
 def train_and_evaluate(config: TrainConfig, *, model=None, data=None):
     """Trains on the training split, validates every epoch, then tests.
 
@@ -449,6 +596,10 @@ def train_and_evaluate(config: TrainConfig, *, model=None, data=None):
       all records, the wall time and the device.
     """
     start = time.time()
+    saved = claim_run_directory(config, config.quiet) if config.checkpoint_dir else None
+    if config.checkpoint_dir and not config.quiet:
+        print(f"training states: {config.checkpoint_dir}/; if the run stops, resume it "
+              f"with: {command_line(config)}", flush=True)
     if model is None:
         model = CIFAR10CNN(width=config.width, dtype=PRECISIONS[config.precision])
     if data is None:
@@ -473,11 +624,6 @@ def train_and_evaluate(config: TrainConfig, *, model=None, data=None):
     steps_per_epoch = len(train_y) // config.batch_size
     state = create_train_state(model, config, init_key, config.epochs * steps_per_epoch)
     start_epoch, history = 0, []
-    saved = newest_state(config.checkpoint_dir) if config.checkpoint_dir else None
-    if saved is not None and not config.resume:  # never overwrite or prune another run
-        raise ValueError(f"checkpoint_dir {config.checkpoint_dir!r} holds the training "
-                         f"states of an earlier run (newest: {saved.name}); resume it "
-                         f"(--resume), or choose another --checkpoint-dir")
     if saved is not None:
         state, start_epoch, history = load_state(saved, state, config)
         if not config.quiet:
@@ -630,13 +776,45 @@ def load_checkpoint(path=None):
                                 "`python train_cifar10.py --output PATH`")
     try:
         checkpoint = cifar10_data.safe_pickle_load(path)
-        model = CIFAR10CNN(**checkpoint["config"]["model"])
+        if isinstance(checkpoint, dict) and {"leaves", "epoch"} <= set(checkpoint):
+            raise ValueError("it is a training state, written after every epoch; the "
+                             "run's checkpoint is the file its --output names")
+        fields = dict(checkpoint["config"]["model"])
         variables = {k: checkpoint[k] for k in ("params", "batch_stats")}
     except Exception as e:
         raise ValueError(f"checkpoint {str(path)!r} is not a readable cifar10-xai "
                          f"checkpoint ({type(e).__name__}: {e})") from None
+    try:
+        model = CIFAR10CNN(**fields)
+    except TypeError as e:
+        raise ValueError(f"checkpoint {str(path)!r} holds another architecture: its model "
+                         f"config {fields} does not build a CIFAR10CNN ({e})") from None
     _check_structure(path, model, variables)
     return model, variables
+
+
+def _shown(path) -> str:
+    """`path` as a user would type it from the current folder: relative when inside it."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def describe_checkpoint(path) -> str:
+    """One line: which checkpoint this is, and the test accuracy its training recorded."""
+    which = " (the shipped checkpoint)" if Path(path).resolve() == PRETRAINED else ""
+    try:
+        metrics = dict(cifar10_data.safe_pickle_load(path).get("metrics") or {})
+    except Exception:  # noqa: BLE001 - load_checkpoint says what is wrong with the file
+        metrics = {}
+    first, every = metrics.get("test_accuracy_first1000"), metrics.get("test_accuracy")
+    if first is None:
+        return f"{_shown(path)}{which}: no test accuracy recorded"
+    return (f"{_shown(path)}{which}: recorded test accuracy {first:.1%} on the first "
+            f"{EXACT_TEST_RECORDS:,} test records"
+            + (f", {every:.1%} on all" if every is not None else ""))
 
 
 def _check_structure(path, model, variables):
@@ -724,32 +902,39 @@ def parse_args(argv=None) -> TrainConfig:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     base = TrainConfig(**SMOKE) if args.pop("smoke") else TrainConfig()
-    if args["checkpoint_dir"] is None:
-        args["checkpoint_dir"] = "checkpoints"
+    given = {k: v for k, v in args.items() if v is not None}
     try:
-        return dataclasses.replace(base, **{k: v for k, v in args.items() if v is not None})
+        if "checkpoint_dir" not in given:  # the run's own folder
+            run = dataclasses.replace(base, **{**given, "resume": False})
+            given["checkpoint_dir"] = str(run_directory(run))
+        return dataclasses.replace(base, **given)
     except ValueError as e:
         parser.error(str(e))
 
 
+@cli.entry_point
 def main(argv=None):
     config = parse_args(argv)
+    history_plot = history_plot_path(config)
+    cli.check_writable(config.output, "--output")
+    cli.check_writable(history_plot, "--history-plot")
+    cli.check_writable(config.checkpoint_dir, "--checkpoint-dir", folder=True)
     try:
         model, state, metrics = train_and_evaluate(config)
-        metrics["command"] = shlex.join(["python", "train_cifar10.py"] + list(
-            sys.argv[1:] if argv is None else argv))
-    except cifar10_data.DataError as e:
-        raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interruption_note(config)) from None
+    metrics["command"] = shlex.join(["python", "train_cifar10.py"] + list(
+        sys.argv[1:] if argv is None else argv))
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     report = Path(config.output).with_suffix(".json")
     save_checkpoint(config.output, model, variables, config, metrics)
     write_report(report, config, model, metrics)
-    plot_history(metrics["history"], config.history_plot)
+    plot_history(metrics["history"], history_plot)
     print(f"test accuracy {metrics['test_accuracy_first1000']:.4f} on the first "
           f"{EXACT_TEST_RECORDS} test records, {metrics['test_accuracy']:.4f} on all "
           f"(flip TTA: {metrics['test_accuracy_tta_first1000']:.4f}, "
           f"{metrics['test_accuracy_tta']:.4f}); "
-          f"wrote {config.output}, {report}, {config.history_plot}")
+          f"wrote {config.output}, {report}, {history_plot}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ stamp() { echo "== $(date -u +%H:%M:%S) +${SECONDS}s: $*"; }
 train() {  # train NAME FLAGS...: writes NAME.pkl, .json, .png and .log under $OUT
   local name=$1; shift
   timeout "$(left)" python3 train_cifar10.py --output "$OUT/$name.pkl" \
-    --history-plot "$OUT/$name.png" "$@" ${TRAIN_FLAGS:-} > "$OUT/$name.log" 2>&1
+    --history-plot "$OUT/$name.png" --checkpoint-dir "/tmp/states/$name" "$@" \
+    ${TRAIN_FLAGS:-} > "$OUT/$name.log" 2>&1  # states stay off $OUT: tens of MB each
   echo "$name: rc $? after ${SECONDS}s; $(tail -n 1 "$OUT/$name.log")"
 }
 

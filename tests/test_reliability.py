@@ -3,6 +3,8 @@
 import dataclasses
 import os
 import pickle
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -250,10 +252,69 @@ def test_a_truncated_checkpoint_is_refused_clearly(tmp_path):
         tc.load_checkpoint(path)
 
 
-def test_a_fresh_run_never_overwrites_another_runs_states(trained, synthetic_data):
+def _contents(folder):
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())}
+
+
+def test_a_fresh_run_never_touches_another_runs_states(trained, synthetic_data):
     config, _, _, states = trained
-    before = sorted(p.name for p in states.iterdir())
-    with pytest.raises(ValueError, match=r"holds the training states of an earlier run "
-                                         r"\(newest: state_0003.pkl\); resume it"):
+    before = _contents(states)
+    with pytest.raises(ValueError, match=r"holds the training states of another run, "
+                                         r"trained with other settings \(saved, now\): "
+                                         r"\{'lr': \(0.05, 0.1\)\}; choose another"):
+        tc.train_and_evaluate(dataclasses.replace(config, lr=0.1), data=synthetic_data)
+    assert _contents(states) == before
+
+
+def test_a_fresh_run_of_an_unfinished_run_says_how_to_resume_it(trained, synthetic_data,
+                                                                 tmp_path):
+    config, _, _, states = trained
+    stopped = tmp_path / "stopped"
+    shutil.copytree(states, stopped)
+    (stopped / "state_0003.pkl").unlink()  # as if killed during epoch 3
+    config = dataclasses.replace(config, checkpoint_dir=str(stopped))
+    with pytest.raises(ValueError) as info:
         tc.train_and_evaluate(config, data=synthetic_data)
-    assert sorted(p.name for p in states.iterdir()) == before
+    message = str(info.value)
+    assert "holds this run, stopped after epoch 2 of 3; resume it with `python " in message
+    command = shlex.split(message.split("`")[1])
+    assert tc.parse_args(command[2:]) == dataclasses.replace(config, resume=True)
+    assert sorted(p.name for p in stopped.iterdir()) == ["state_0002.pkl"]
+
+
+def test_a_fresh_run_of_a_finished_run_starts_it_over(trained, synthetic_data, tmp_path):
+    config, state, metrics, states = trained
+    again = tmp_path / "again"
+    shutil.copytree(states, again)
+    (again / "state_0002.pkl").rename(again / "state_0001.pkl")  # would survive pruning
+    old = (again / "state_0003.pkl").stat().st_mtime_ns
+    _, state2, metrics2 = tc.train_and_evaluate(
+        dataclasses.replace(config, checkpoint_dir=str(again)), data=synthetic_data)
+    assert sorted(p.name for p in again.iterdir()) == ["state_0002.pkl", "state_0003.pkl"]
+    assert (again / "state_0003.pkl").stat().st_mtime_ns != old
+    # the same run again, from the start: the same losses and parameters
+    assert [(r["epoch"], r["train_loss"], r["val_loss"]) for r in metrics2["history"]] == [
+        (r["epoch"], r["train_loss"], r["val_loss"]) for r in metrics["history"]]
+    same = jax.tree.map(np.array_equal, jax.device_get(state2.params),
+                        jax.device_get(state.params))
+    assert all(jax.tree.leaves(same))
+
+
+def test_resuming_nothing_names_the_other_runs_of_that_checkpoint(trained, synthetic_data,
+                                                                  tmp_path):
+    config, _, _, states = trained
+    ran = dataclasses.replace(config, output=str(tmp_path / "m.pkl"))
+    shutil.copytree(states, tc.run_directory(ran))
+    other = dataclasses.replace(ran, lr=0.1)
+    other = dataclasses.replace(other, checkpoint_dir=str(tc.run_directory(other)),
+                                resume=True)
+    with pytest.raises(ValueError) as info:
+        tc.train_and_evaluate(other, data=synthetic_data)
+    message = str(info.value)
+    assert message.startswith(f"nothing to resume: '{other.checkpoint_dir}' holds no "
+                              "training state of this run")
+    assert (f"other runs of this checkpoint: {tc.run_directory(ran)} (finished; "
+            "settings (there, here): {'lr': (0.05, 0.1)}; resume it with `python") in message
+    command = shlex.split(message.split("`")[1])
+    assert tc.parse_args(command[2:]) == dataclasses.replace(
+        ran, checkpoint_dir=str(tc.run_directory(ran)), resume=True)

@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import pickle
+import shlex
 from pathlib import Path
 
 import jax
@@ -13,6 +14,7 @@ import cifar10_data
 import train_cifar10 as tc
 from cifar10_cnn_model import CIFAR10CNN
 
+ROOT = Path(__file__).resolve().parents[1]
 CONFIG = tc.TrainConfig(recipe="seed", epochs=2, batch_size=16, lr=1e-2, train_subset=None, width=4,
                         val_fraction=0.25, quiet=True)
 
@@ -45,16 +47,56 @@ def test_flags_map_one_to_one_onto_the_config():
                             "7", "--val-fraction", "0.2", "--train-subset", "500",
                             "--width", "16", "--data-dir", "d", "--output", "m.pkl",
                             "--history-plot", "h.png", "--quiet", "--recipe", "seed"])
-    assert config == tc.TrainConfig(recipe="seed", epochs=3, batch_size=32, lr=0.01, seed=7,
-                                    val_fraction=0.2, train_subset=500, width=16,
-                                    data_dir="d", output="m.pkl", history_plot="h.png",
-                                    quiet=True, checkpoint_dir="checkpoints")
-    # the command line saves training states by default, the library only when asked
-    assert tc.parse_args([]) == tc.TrainConfig(checkpoint_dir="checkpoints")
-    assert tc.parse_args(["--smoke", "--epochs", "5"]) == tc.TrainConfig(
-        **{**tc.SMOKE, "epochs": 5, "checkpoint_dir": "checkpoints"})
+    expected = tc.TrainConfig(recipe="seed", epochs=3, batch_size=32, lr=0.01, seed=7,
+                              val_fraction=0.2, train_subset=500, width=16, data_dir="d",
+                              output="m.pkl", history_plot="h.png", quiet=True)
+    # the command line saves training states by default, in the run's own folder; the
+    # library only when asked
+    assert config == dataclasses.replace(
+        expected, checkpoint_dir=str(tc.run_directory(expected)))
+    assert Path(config.checkpoint_dir).parent == Path("m.states")
+    default = tc.TrainConfig()
+    assert tc.parse_args([]) == dataclasses.replace(
+        default, checkpoint_dir=str(tc.run_directory(default)))
+    smoke = tc.TrainConfig(**{**tc.SMOKE, "epochs": 5})
+    assert tc.parse_args(["--smoke", "--epochs", "5"]) == dataclasses.replace(
+        smoke, checkpoint_dir=str(tc.run_directory(smoke)))
     assert tc.parse_args(["--checkpoint-dir", "s", "--keep", "5", "--resume"]) == (
         tc.TrainConfig(checkpoint_dir="s", keep=5, resume=True))
+
+
+def test_each_run_has_its_own_states_folder_named_by_its_output_and_settings():
+    smoke = tc.parse_args(["--smoke"])
+    assert smoke.output == "xai_results/smoke_model.pkl"  # never over cifar10_model.pkl
+    assert Path(smoke.checkpoint_dir).parent == Path("xai_results/smoke_model.states")
+    assert Path(tc.parse_args([]).checkpoint_dir).parent == Path("cifar10_model.states")
+    assert tc.history_plot_path(smoke) == Path("xai_results/smoke_model_history.png")
+    # every setting that shapes the run gives another folder ...
+    shaping = [("--epochs", "3"), ("--lr", "0.05"), ("--seed", "1"), ("--width", "4"),
+               ("--batch-size", "32"), ("--train-subset", "512"), ("--val-fraction", "0.2"),
+               ("--recipe", "seed"), ("--precision", "bf16"), ("--steps-per-call", "2")]
+    folders = {tc.parse_args(["--smoke", flag, value]).checkpoint_dir
+               for flag, value in shaping}
+    assert len(folders | {smoke.checkpoint_dir}) == len(shaping) + 1
+    # ... and the rest keep it: the same run, resumed quietly from another data copy
+    for extra in (["--quiet"], ["--keep", "5"], ["--data-dir", "d"], ["--resume"],
+                  ["--history-plot", "h.png"]):
+        assert tc.parse_args(["--smoke", *extra]).checkpoint_dir == smoke.checkpoint_dir
+
+
+def test_the_printed_resume_command_resumes_the_same_run(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert tc.command_line(tc.parse_args(["--smoke"])) == (
+        "python train_cifar10.py --smoke --resume")
+    assert tc.command_line(tc.parse_args(["--smoke", "--epochs", "3"])) == (
+        "python train_cifar10.py --smoke --epochs 3 --resume")
+    for argv in ([], ["--lr", "0.05", "--output", "runs/a b.pkl", "--quiet"],
+                 ["--checkpoint-dir", "s", "--recipe", "seed", "--keep", "2"],
+                 ["--smoke", "--width", "4", "--data-dir", "/data/cifar"]):
+        config = tc.parse_args(argv)
+        words = shlex.split(tc.command_line(config))
+        assert words[:2] == ["python", "train_cifar10.py"] and words[-1] == "--resume"
+        assert tc.parse_args(words[2:]) == dataclasses.replace(config, resume=True), argv
 
 
 def test_train_steps_lower_the_loss_on_a_fixed_batch(synthetic_data):
@@ -231,11 +273,6 @@ def test_batch_larger_than_the_training_split_is_refused(synthetic_data):
         tc.train_and_evaluate(config, data=synthetic_data)
 
 
-def test_main_reports_missing_data_without_a_traceback(monkeypatch, tmp_path):
-    with pytest.raises(SystemExit, match=r"error: .*holds no CIFAR-10 data"):
-        tc.main(["--data-dir", str(tmp_path), "--quiet"])
-
-
 # ------------------------------------------------------------------ the default recipe
 
 
@@ -309,6 +346,17 @@ def test_default_checkpoint_prefers_your_own_then_the_pretrained_one(tmp_path, m
     loaded, _ = tc.load_checkpoint()
     assert loaded.width == 4
     assert "loading cifar10_model.pkl" in capsys.readouterr().out
+    # one line says which checkpoint it is and what its training measured
+    assert tc.describe_checkpoint("cifar10_model.pkl") == (
+        "cifar10_model.pkl: no test accuracy recorded")
+    tc.save_checkpoint("mine.pkl", model, variables, metrics={
+        "test_accuracy_first1000": 0.42, "test_accuracy": 0.405})
+    assert tc.describe_checkpoint("mine.pkl") == (
+        "mine.pkl: recorded test accuracy 42.0% on the first 1,000 test records, "
+        "40.5% on all")
+    assert tc.describe_checkpoint(tc.PRETRAINED).startswith(
+        f"{tc.PRETRAINED} (the shipped checkpoint): recorded test accuracy 93.0% on the "
+        "first 1,000 test records")
 
 
 _DATA_PARALLEL_RUN = """

@@ -1,0 +1,117 @@
+"""The command lines' edge, shared by every script: one wrapper that ends a user's mistake
+in one line and an exit status instead of a traceback, and argparse types and checks
+whose messages name the flag.
+
+A user's mistake is an error the project raises on purpose, with a message written for
+the user: a bad value, a missing, corrupt or incompatible file, colliding runs, a data
+fault, a diverged run. It prints `<script>: error: <message>` to stderr and exits with
+status 2 (values and files that don't fit) or 1 (files that can't be read or written,
+data faults, a diverged run). An exception raised inside a library (JAX, Flax, numpy) or
+of any other type is a bug, and keeps its traceback.
+"""
+
+import argparse
+import functools
+import inspect
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from cifar10_data import DataError
+
+ROOT = Path(__file__).resolve().parent
+_PROJECT_FOLDERS = (ROOT, ROOT / "benchmarks")
+
+# The exit status of each kind of user error; the first matching class wins.
+EXIT_STATUS = ((DataError, 1), (FloatingPointError, 1), (OSError, 1), (ValueError, 2),
+               (TypeError, 2))
+INTERRUPTED = 130  # what shells report for a process stopped by Ctrl-C
+
+
+def raised_by_project(error: BaseException) -> bool:
+    """True when the innermost frame of `error`'s traceback is in one of our own files."""
+    tb = error.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return Path(tb.tb_frame.f_code.co_filename).resolve().parent in _PROJECT_FOLDERS
+
+
+def exit_status(error: BaseException):
+    """The exit status for a user's mistake, or None for a bug (keep its traceback)."""
+    for kind, status in EXIT_STATUS:
+        if isinstance(error, kind):
+            return status if raised_by_project(error) else None
+    return None
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def entry_point(main):
+    """Wraps a script's `main(argv=None)`: the project's own errors print one line and
+    exit 2 or 1; Ctrl-C and SIGTERM print one line (with what the KeyboardInterrupt
+    says, e.g. how to resume) and exit 130."""
+    prog = Path(inspect.getsourcefile(main)).name
+
+    @functools.wraps(main)
+    def run(argv=None):
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
+        try:
+            return main(argv)
+        except KeyboardInterrupt as e:
+            print(f"{prog}: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr,
+                  flush=True)
+            raise SystemExit(INTERRUPTED) from None
+        except Exception as e:  # noqa: BLE001 - re-raised unless it is a user's mistake
+            status = exit_status(e)
+            if status is None:
+                raise
+            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(status) from None
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
+
+    return run
+
+
+def int_at_least(minimum: int):
+    """An argparse `type` for ints >= `minimum`; argparse names the flag in its error."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an int >= {minimum}, got {text!r}")
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an int >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def check_writable(path, name: str, *, folder: bool = False):
+    """Refuses, before any work is done, an output `path` that cannot be written.
+
+    `name` is the flag that gave it. A folder is checked when `folder`; nothing is
+    created here.
+    """
+    path = Path(path)
+    kind = "folder" if folder else "file"
+    if path.exists() and path.is_dir() != folder:
+        raise ValueError(f"{name} must be a {kind} path, got {str(path)!r}, which is a "
+                         f"{'folder' if path.is_dir() else 'file'}")
+    existing = path if folder and path.exists() else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{name} {str(path)!r} cannot be written: {str(existing)!r} is a "
+                         "file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{name} {str(path)!r} cannot be written: no permission to "
+                              f"write in {str(existing)!r}")
