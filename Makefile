@@ -27,13 +27,15 @@ chromium:
 	  else echo "install Debian's chromium (sudo apt-get install -y chromium) or set CHROMIUM" >&2; exit 1; fi; }
 
 # Your own cifar10_model.pkl when it exists, else the shipped pretrained checkpoint, else
-# a smoke model trained in seconds.
+# a smoke model trained in seconds (`--smoke` writes xai_results/smoke_model.pkl, so it
+# never shadows the other two). A CHECKPOINT=... you name must exist.
+SMOKE_CHECKPOINT := xai_results/smoke_model.pkl
 CHECKPOINT ?= $(firstword $(wildcard cifar10_model.pkl pretrained/cifar10_cnn.pkl) \
-	xai_results/smoke_model.pkl)
+	$(SMOKE_CHECKPOINT))
 
 demo: $(VENV)/.installed
-	test -f $(CHECKPOINT) || $(PY) train_cifar10.py --smoke --output $(CHECKPOINT) \
-		--history-plot xai_results/training_history.png
+	@if [ "$(CHECKPOINT)" = "$(SMOKE_CHECKPOINT)" ] && [ ! -f "$(CHECKPOINT)" ]; then \
+	  $(PY) train_cifar10.py --smoke; fi
 	$(PY) demo_xai.py --checkpoint $(CHECKPOINT)
 
 # The explorer on http://127.0.0.1:8501 (settings in .streamlit/config.toml); the

@@ -231,6 +231,7 @@ def main():
     except (OSError, ValueError) as e:
         st.error(f"Could not load the checkpoint: {e}")
         st.stop()
+    st.caption(f"Explaining {describe_model(checkpoint, _mtime(checkpoint))}.")
 
     source = st.radio("Image", ("Test set", "Upload"), horizontal=True)
     if source == "Test set":
@@ -283,6 +284,13 @@ def _cache(fn):
 def load_model(checkpoint, mtime):
     from train_cifar10 import load_checkpoint
     return load_checkpoint(checkpoint)
+
+
+@_cache
+def describe_model(checkpoint, mtime):
+    """Which checkpoint, and its recorded test accuracy, in one line."""
+    from train_cifar10 import describe_checkpoint
+    return describe_checkpoint(checkpoint)
 
 
 @_cache

@@ -1,7 +1,7 @@
 """Explains a trained CIFAR-10 CNN on test images and writes the figures to xai_results/.
 
     python demo_xai.py                  # cifar10_model.pkl, else pretrained/cifar10_cnn.pkl
-    python demo_xai.py --checkpoint PATH --num-images 8 --seed 1
+    python demo_xai.py --checkpoint PATH --num-images 8 --seed 1 --layer conv2
 
 It predicts the first --num-eval test records (default 1,000: the exact ones), then draws
   detailed_*.png        one image each: overlays and heatmaps (GradCAM, Grad-CAM++,
@@ -9,6 +9,7 @@ It predicts the first --num-eval test records (default 1,000: the exact ones), t
                         deletion and insertion AUC on this image next to a random map's,
                         class-specific GradCAM, top-3 probabilities;
   batch_gradcam.png     --num-images images with GradCAM overlays and heatmaps;
+                        (GradCAM and Grad-CAM++ explain the --layer block, conv3 by default)
   misclassified.png     GradCAM for the predicted and for the true class, side by side;
   confusion_matrix.png  over every evaluated image.
 """
@@ -23,9 +24,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import cifar10_data
+import cli
 import xai_metrics
 from cifar10_data import CLASS_NAMES
-from train_cifar10 import EXACT_TEST_RECORDS, load_checkpoint
+from train_cifar10 import (EXACT_TEST_RECORDS, default_checkpoint, describe_checkpoint,
+                           load_checkpoint)
 from xai_visualizations import (GradCAM, GradCAMPlusPlus, IntegratedGradients, SaliencyMap,
                                 normalize_maps, overlay)
 
@@ -44,6 +47,7 @@ class DemoConfig:
     smoothgrad_samples: int = 50
     ig_steps: int = 64                      # Integrated Gradients path points
     seed: int = 0                           # picks the images and seeds SmoothGrad
+    layer: str = "conv3"                    # the block GradCAM and Grad-CAM++ explain
     quiet: bool = False
 
 
@@ -129,7 +133,7 @@ def plot_detailed(plt, path, image, label, probs, maps, class_maps, class_target
     plt.close(fig)
 
 
-def plot_batch(plt, path, images, labels, preds, heatmaps, per_band=8):
+def plot_batch(plt, path, images, labels, preds, heatmaps, per_band=8, layer="conv3"):
     """Bands of three rows: original with its label, GradCAM overlay, heatmap."""
     bands = -(-len(images) // per_band)
     fig, axes = plt.subplots(3 * bands, per_band, figsize=(1.6 * per_band, 5.2 * bands),
@@ -144,7 +148,7 @@ def plot_batch(plt, path, images, labels, preds, heatmaps, per_band=8):
               f"{'✓' if ok else '✗'} pred: {_label(pred)}")
         axes[row + 1, col].title.set_color("green" if ok else "red")
         _show(axes[row + 2, col], heatmap, "GradCAM", cmap="jet", vmin=0, vmax=1)
-    fig.suptitle(f"GradCAM (conv3) on {len(images)} test images: "
+    fig.suptitle(f"GradCAM ({layer}) on {len(images)} test images: "
                  f"{int(np.sum(preds == labels))} correct")
     fig.tight_layout(rect=(0, 0, 1, 0.97))  # room for the suptitle
     fig.savefig(path, dpi=80)
@@ -207,8 +211,8 @@ def run_demo(config: DemoConfig, model, variables, data: cifar10_data.Cifar10):
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    gradcam, saliency = GradCAM(model, target_layer="conv3"), SaliencyMap(model)
-    gradcam_pp = GradCAMPlusPlus(model)
+    gradcam, saliency = GradCAM(model, target_layer=config.layer), SaliencyMap(model)
+    gradcam_pp = GradCAMPlusPlus(model, layer=config.layer)
     integrated = IntegratedGradients(model, steps=config.ig_steps)
     evidence_fn = jax.jit(lambda v, x, m, t: xai_metrics.deletion_insertion(
         model, v, x, m, t, step=EVIDENCE_STEP))
@@ -251,7 +255,8 @@ def run_demo(config: DemoConfig, model, variables, data: cifar10_data.Cifar10):
 
     heatmaps = gradcam.compute_gradcam(params, batch_stats, images)[0]
     written.append(out / "batch_gradcam.png")
-    plot_batch(plt, written[-1], images, labels[chosen], preds[chosen], heatmaps)
+    plot_batch(plt, written[-1], images, labels[chosen], preds[chosen], heatmaps,
+               layer=config.layer)
 
     wrong = np.flatnonzero(preds != labels)
     wrong = np.sort(rng.permutation(wrong)[:config.num_misclassified])
@@ -282,34 +287,36 @@ def parse_args(argv=None) -> DemoConfig:
                         help="CIFAR-10 folder; default: $CIFAR10_DIR, then tfds, then download")
     parser.add_argument("--output-dir", default=defaults.output_dir,
                         help="where the figures go (default: %(default)s)")
-    for name, text in [("num_images", "test images in the batch grid"),
-                       ("num_detailed", "images with a detailed figure each"),
-                       ("num_eval", "first test records predicted for the error analysis"),
-                       ("num_misclassified", "rows of the misclassification figure"),
-                       ("smoothgrad_samples", "noisy samples per SmoothGrad map"),
-                       ("ig_steps", "Integrated Gradients path points"),
-                       ("seed", "picks the images and seeds SmoothGrad")]:
-        parser.add_argument("--" + name.replace("_", "-"), type=int,
+    parser.add_argument("--layer", default=defaults.layer,
+                        help="the block that GradCAM and Grad-CAM++ explain "
+                             "(default: %(default)s)")
+    for name, low, text in [("num_images", 1, "test images in the batch grid"),
+                            ("num_detailed", 0, "images with a detailed figure each"),
+                            ("num_eval", 1, "first test records predicted for the error "
+                                            "analysis"),
+                            ("num_misclassified", 0, "rows of the misclassification figure"),
+                            ("smoothgrad_samples", 1, "noisy samples per SmoothGrad map"),
+                            ("ig_steps", 1, "Integrated Gradients path points"),
+                            ("seed", 0, "picks the images and seeds SmoothGrad")]:
+        parser.add_argument("--" + name.replace("_", "-"), type=cli.int_at_least(low),
                             default=getattr(defaults, name),
                             help=f"{text} (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
-    args = parser.parse_args(argv)
-    minimum = {"num_images": 1, "num_detailed": 0, "num_eval": 1, "num_misclassified": 0,
-               "smoothgrad_samples": 1, "ig_steps": 1, "seed": 0}
-    for name, low in minimum.items():
-        if getattr(args, name) < low:
-            parser.error(f"--{name.replace('_', '-')} must be >= {low}, "
-                         f"got {getattr(args, name)}")
-    return DemoConfig(**vars(args))
+    return DemoConfig(**vars(parser.parse_args(argv)))
 
 
+@cli.entry_point
 def main(argv=None):
     config = parse_args(argv)
-    try:
-        model, variables = load_checkpoint(config.checkpoint)
-        data = cifar10_data.load_cifar10(config.data_dir)
-    except (FileNotFoundError, ValueError, cifar10_data.DataError) as e:
-        raise SystemExit(f"error: {e}") from None
+    cli.check_writable(config.output_dir, "--output-dir", folder=True)
+    checkpoint = config.checkpoint or default_checkpoint()
+    model, variables = load_checkpoint(checkpoint)
+    if config.layer not in model.layer_names:
+        raise ValueError(f"--layer must be one of {tuple(model.layer_names)}, got "
+                         f"{config.layer!r}")
+    if not config.quiet:
+        print(f"explaining {describe_checkpoint(checkpoint)}")
+    data = cifar10_data.load_cifar10(config.data_dir)
     written = run_demo(config, model, variables, data)
     if not config.quiet:
         print("wrote:\n" + "\n".join(f"  {path}" for path in written))

@@ -29,9 +29,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import cifar10_data
+import cli
 import xai_metrics as xm
 import xai_visualizations as xv
-from train_cifar10 import EXACT_TEST_RECORDS, _atomic_write, describe_device, load_checkpoint
+from train_cifar10 import (EXACT_TEST_RECORDS, _atomic_write, default_checkpoint,
+                           describe_checkpoint, describe_device, load_checkpoint)
 
 # A method passes the randomisation check when the Spearman ρ of its |maps| with the
 # trained model's maps, averaged over the cascade's levels, is below this: its maps
@@ -57,11 +59,14 @@ class EvalConfig:
     rise_masks: int = 4000
     occlusion_patch: int = 4
     occlusion_stride: int = 2
+    layer: str = "conv3"                  # the block the layer methods explain
     seed: int = 0
     quiet: bool = False
 
     def options(self, method):
         """The method's options from this config."""
+        if "layer" in xv.METHODS[method].defaults:
+            return {"layer": self.layer}
         return {"integrated_gradients": {"steps": self.ig_steps},
                 "smoothgrad": {"n_samples": self.smoothgrad_samples},
                 "rise": {"n_masks": self.rise_masks},
@@ -313,7 +318,16 @@ def plot_randomization(path, image, levels, cards, arrays):
 def evaluate(config: EvalConfig, model=None, variables=None, data=None):
     """Runs the evaluation and writes its files; returns the report dict."""
     if model is None:
+        config = dataclasses.replace(config, checkpoint=str(config.checkpoint
+                                                            or default_checkpoint()))
         model, variables = load_checkpoint(config.checkpoint)
+        if not config.quiet:
+            print(f"evaluating {describe_checkpoint(config.checkpoint)}")
+    if config.layer not in getattr(model, "layer_names", (config.layer,)):
+        raise ValueError(f"layer must be one of {tuple(model.layer_names)}, got "
+                         f"{config.layer!r}")
+    for method in config.methods:  # every option checked before any work
+        xv.check_options(method, model, config.options(method))
     if data is None:
         data = cifar10_data.load_cifar10(config.data_dir)
     n = min(config.num_images, len(data.test_labels))
@@ -353,6 +367,9 @@ def parse_args(argv=None) -> EvalConfig:
                         help="where the files go (default: %(default)s)")
     parser.add_argument("--methods", nargs="+", default=list(defaults.methods),
                         choices=tuple(xv.METHODS), help="default: all")
+    parser.add_argument("--layer", default=defaults.layer,
+                        help="the block that the layer methods (Grad-CAM, Grad-CAM++, "
+                             "Guided Grad-CAM) explain (default: %(default)s)")
     for name in ("deletion_baseline", "insertion_baseline"):
         parser.add_argument("--" + name.replace("_", "-"), default=getattr(defaults, name),
                             choices=xm.BASELINES, help="default: %(default)s")
@@ -369,29 +386,23 @@ def parse_args(argv=None) -> EvalConfig:
                        ("occlusion_stride", "occlusion stride, px"),
                        ("seed", "seeds the random maps, SmoothGrad, RISE and the random "
                                 "weights")]:
-        parser.add_argument("--" + name.replace("_", "-"), type=int,
+        parser.add_argument("--" + name.replace("_", "-"),
+                            type=cli.int_at_least(0 if name == "seed" else 1),
                             default=getattr(defaults, name),
                             help=f"{text} (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
     args = vars(parser.parse_args(argv))
-    minimum = {"num_images": 1, "step": 1, "randomization_images": 1, "chunk": 1,
-               "batch_size": 1, "ig_steps": 1, "smoothgrad_samples": 1, "rise_masks": 1,
-               "occlusion_patch": 1, "occlusion_stride": 1, "seed": 0}
-    for name, low in minimum.items():
-        if args[name] < low:
-            parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {args[name]}")
     if args["occlusion_patch"] > 32:
         parser.error(f"--occlusion-patch must be at most 32, got {args['occlusion_patch']}")
     args["methods"] = tuple(dict.fromkeys(args["methods"]))
     return EvalConfig(**args)
 
 
+@cli.entry_point
 def main(argv=None):
     config = parse_args(argv)
-    try:
-        report = evaluate(config)
-    except cifar10_data.DataError as e:
-        raise SystemExit(f"error: {e}") from None
+    cli.check_writable(config.output_dir, "--output-dir", folder=True)
+    report = evaluate(config)
     if not config.quiet:
         print(markdown(report))
         print(f"wrote {config.output_dir}/evaluation.json, evaluation.md, "

@@ -22,6 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+import cli  # noqa: E402
 import train_cifar10 as tc  # noqa: E402
 from cifar10_cnn_model import CIFAR10CNN  # noqa: E402
 
@@ -60,22 +61,28 @@ def bench(batch_size, precision, args, images, labels, replicated, split):
     return compile_s, calls * block * batch_size / elapsed, block
 
 
+@cli.entry_point
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch-size", type=int, nargs="+", default=[128])
+    parser.add_argument("--batch-size", type=cli.int_at_least(1), nargs="+", default=[128])
     parser.add_argument("--precision", nargs="+", default=["fp32"],
                         choices=tuple(tc.PRECISIONS))
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--steps", type=cli.int_at_least(1), default=None,
                         help="timed steps after compile; default 20 steps one at a time, "
                              "else 3 epochs")
-    parser.add_argument("--steps-per-call", type=int, default=None,
+    parser.add_argument("--steps-per-call", type=cli.int_at_least(0), default=None,
                         help="0: a whole epoch per call; default: as in training")
-    parser.add_argument("--width", type=int, default=64, help="64 is the reference network")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--width", type=cli.int_at_least(1), default=64,
+                        help="64 is the reference network")
+    parser.add_argument("--seed", type=cli.int_at_least(0), default=0)
     parser.add_argument("--recipe", default="default", choices=tuple(tc.RECIPES),
                         help="'default' augments on the device and smooths labels")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    for batch_size in args.batch_size:
+        if batch_size % jax.device_count():
+            parser.error(f"--batch-size must be a multiple of the {jax.device_count()} "
+                         f"devices, got {batch_size}")
 
     replicated, split = tc.data_parallel_shardings()
     key = jax.random.key(args.seed)

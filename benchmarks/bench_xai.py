@@ -35,6 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import cifar10_cnn_model as cm  # noqa: E402
+import cli  # noqa: E402
 import xai_visualizations as xv  # noqa: E402
 from cifar10_cnn_model import CONVS_PER_BLOCK, CIFAR10CNN  # noqa: E402
 from train_cifar10 import describe_device  # noqa: E402
@@ -68,13 +69,16 @@ def time_round_robin(calls, repeats, quiet):
     return compile_s, {name: statistics.median(t) for name, t in times.items()}
 
 
+@cli.entry_point
 def main(argv=None):
+    positive = cli.int_at_least(1)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=20, help="timed calls per method")
-    parser.add_argument("--samples", type=int, default=50, help="SmoothGrad samples")
-    parser.add_argument("--width", type=int, default=64, help="64 is the reference network")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=positive, default=64)
+    parser.add_argument("--repeats", type=positive, default=20, help="timed calls per method")
+    parser.add_argument("--samples", type=positive, default=50, help="SmoothGrad samples")
+    parser.add_argument("--width", type=positive, default=64,
+                        help="64 is the reference network")
+    parser.add_argument("--seed", type=cli.int_at_least(0), default=0)
     parser.add_argument("--plain-jit", action="store_true",
                         help="also time the calls jitted without the CPU options")
     parser.add_argument("--no-reference", action="store_true",
@@ -85,13 +89,13 @@ def main(argv=None):
                         help="also time these methods (none given: all) through "
                              "`Explainer`, with their default options, on --method-batch "
                              "images")
-    parser.add_argument("--method-batch", type=int, default=16)
-    parser.add_argument("--deletion-images", type=int, default=0,
+    parser.add_argument("--method-batch", type=positive, default=16)
+    parser.add_argument("--deletion-images", type=cli.int_at_least(0), default=0,
                         help="also time deletion + insertion curves on this many images")
-    parser.add_argument("--deletion-step", type=int, default=32, help="pixels per point")
-    parser.add_argument("--deletion-chunk", type=int, default=1000,
+    parser.add_argument("--deletion-step", type=positive, default=32, help="pixels per point")
+    parser.add_argument("--deletion-chunk", type=positive, default=1000,
                         help="images per deletion call")
-    parser.add_argument("--deletion-batch", type=int, default=4096,
+    parser.add_argument("--deletion-batch", type=positive, default=4096,
                         help="image pairs per model call in the deletion curves")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                         help="the model's compute precision in the deletion curves")

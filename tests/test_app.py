@@ -49,6 +49,8 @@ def _text(at):
 
 def test_a_test_image_is_shown_with_prediction_maps_and_evidence(page, checkpoint, data):  # noqa: F811
     assert not page.exception and not page.error
+    assert f"Explaining {checkpoint}: no test accuracy recorded." in [
+        c.value for c in page.caption]
     probs = _probabilities(checkpoint, data.test_images[0])
     pred, label = int(probs.argmax()), int(data.test_labels[0])
     text = _text(page)

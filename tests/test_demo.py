@@ -37,6 +37,7 @@ def test_demo_writes_every_figure(checkpoint, data, tmp_path, monkeypatch, capsy
                    "--output-dir", str(out), "--num-images", "6", "--num-detailed", "2",
                    "--smoothgrad-samples", "4", "--seed", "1"])
     printed = capsys.readouterr().out
+    assert printed.startswith(f"explaining {checkpoint}: no test accuracy recorded\n")
     detailed = sorted(out.glob("detailed_*.png"))
     expected = detailed + [out / name for name in
                            ("batch_gradcam.png", "misclassified.png", "confusion_matrix.png")]
@@ -51,7 +52,8 @@ def test_demo_writes_every_figure(checkpoint, data, tmp_path, monkeypatch, capsy
 def test_demo_without_checkpoint_says_how_to_get_one(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         demo_xai.main(["--checkpoint", str(tmp_path / "missing.pkl"), "--quiet"])
-    assert "does not exist; train one with" in str(info.value)
+    assert info.value.code == 1
+    assert "does not exist; train one with" in capsys.readouterr().err
 
 
 def _readme_block(heading):
