@@ -771,6 +771,9 @@ def load_checkpoint(path=None):
                                    "cifar10_model.pkl to use it instead)"
                                    if path == PRETRAINED else ""))
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"checkpoint {str(path)!r} is a folder; give the .pkl file "
+                                "that `python train_cifar10.py --output PATH` wrote")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; train one with "
                                 "`python train_cifar10.py --output PATH`")

@@ -109,6 +109,8 @@ CASES = [
     # ---------------------------------------------------------------- demo
     ("demo: a missing checkpoint", "demo", ["--checkpoint", "missing.pkl"], 1,
      ["checkpoint 'missing.pkl' does not exist; train one with"]),
+    ("demo: a folder as the checkpoint", "demo", ["--checkpoint", "{no_data}"], 1,
+     ["checkpoint '", "no_data' is a folder; give the .pkl file"]),
     ("demo: a truncated checkpoint", "demo", ["--checkpoint", "{truncated.pkl}"], 2,
      ["truncated.pkl' is not a readable cifar10-xai checkpoint"]),
     ("demo: a checkpoint of another width", "demo", ["--checkpoint", "{wider.pkl}"], 2,
