@@ -13,6 +13,7 @@ of any other type is a bug, and keeps its traceback.
 import argparse
 import functools
 import inspect
+import linecache
 import os
 import signal
 import sys
@@ -31,13 +32,20 @@ INTERRUPTED = 130  # what shells report for a process stopped by Ctrl-C
 
 
 def raised_by_project(error: BaseException) -> bool:
-    """True when the innermost frame of `error`'s traceback is in one of our own files."""
+    """True when a `raise` statement in one of our own files raised `error`.
+
+    The innermost frame must be ours and stand on a `raise`: JAX hides its own frames
+    from tracebacks, so an error raised inside JAX on behalf of one of our lines would
+    otherwise look like ours.
+    """
     tb = error.__traceback__
     if tb is None:
         return False
     while tb.tb_next is not None:
         tb = tb.tb_next
-    return Path(tb.tb_frame.f_code.co_filename).resolve().parent in _PROJECT_FOLDERS
+    filename = tb.tb_frame.f_code.co_filename
+    return (Path(filename).resolve().parent in _PROJECT_FOLDERS
+            and linecache.getline(filename, tb.tb_lineno).lstrip().startswith("raise "))
 
 
 def exit_status(error: BaseException):

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -21,6 +22,7 @@ import cli
 import demo_xai
 import evaluate_xai
 import train_cifar10 as tc
+import xai_visualizations as xv
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -216,6 +218,13 @@ def test_the_wrapper_keeps_the_traceback_of_a_bug():
 
     with pytest.raises(KeyError):
         missing_key([])
+
+    @cli.entry_point
+    def jax_error(argv=None):  # JAX hides its frames: the last one left is a line of ours
+        return jax.jit(lambda x: xv.overlay(x, np.zeros((32, 32))))(np.zeros((32, 32, 3)))
+
+    with pytest.raises(TypeError, match="traced array"):
+        jax_error([])
 
 
 def test_the_wrapper_turns_our_own_errors_into_a_status(capsys):
