@@ -33,11 +33,6 @@ ROOT = Path(__file__).resolve().parent
 EVIDENCE_STEP = 32               # pixels per point of the per-image deletion/insertion curves
 MAX_UPLOAD_PIXELS = 40_000_000   # larger uploads are refused before they are decoded
 DISPLAY_SCALE = 6                # 32 px images are shown 192 px wide, pixels kept sharp
-LABELS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "saliency": "Saliency",
-          "smoothgrad": "SmoothGrad", "grad_x_input": "Gradient × Input",
-          "integrated_gradients": "Integrated Gradients", "occlusion": "Occlusion",
-          "rise": "RISE", "guided_backprop": "Guided Backprop",
-          "guided_gradcam": "Guided Grad-CAM"}
 DEFAULT_METHODS = ("gradcam", "saliency")
 POOLS = ("every test image", "one class", "misclassified only")
 EVALUATIONS = (ROOT / "xai_results" / "evaluation" / "evaluation.json",
@@ -223,7 +218,7 @@ def main():
         data_dir = st.text_input("CIFAR-10 folder", value=os.environ.get("CIFAR10_DIR", ""))
         st.header("Explain")
         methods = st.multiselect("Explainers", list(METHODS), default=list(DEFAULT_METHODS),
-                                 format_func=LABELS.get)
+                                 format_func=lambda method: METHODS[method].label)
         target_name = st.selectbox("Target class", ("predicted",) + CLASS_NAMES)
 
     try:
@@ -252,7 +247,7 @@ def main():
 
 
 def _pretrained():
-    from train_cifar10 import PRETRAINED
+    from checkpoints import PRETRAINED
     return str(PRETRAINED)
 
 
@@ -282,14 +277,14 @@ def _cache(fn):
 
 @_cache
 def load_model(checkpoint, mtime):
-    from train_cifar10 import load_checkpoint
+    from checkpoints import load_checkpoint
     return load_checkpoint(checkpoint)
 
 
 @_cache
 def describe_model(checkpoint, mtime):
     """Which checkpoint, and its recorded test accuracy, in one line."""
-    from train_cifar10 import describe_checkpoint
+    from checkpoints import describe_checkpoint
     return describe_checkpoint(checkpoint)
 
 
@@ -332,6 +327,12 @@ def explainer(checkpoint, mtime, method):
     from xai_visualizations import Explainer
     model, _ = load_model(checkpoint, mtime)
     return Explainer(model, method)
+
+
+@_cache
+def _compiled_explainers(checkpoint, mtime):
+    """The methods whose explainer has run for this checkpoint (so has compiled)."""
+    return set()
 
 
 @_cache
@@ -416,19 +417,21 @@ def show_method(st, checkpoint, method, image, target, pred):
     _, variables = load_model(checkpoint, mtime)
     explain = explainer(checkpoint, mtime, method)
     params, stats = variables["params"], variables.get("batch_stats")
-    compiling = not getattr(explain, "warm", False)
+    compiled = _compiled_explainers(checkpoint, mtime)  # the page's own bookkeeping
+    compiling = method not in compiled
     start = time.perf_counter()
     raw, _, score = explain.explain(params, stats, image, target, normalize=False)
     seconds = time.perf_counter() - start
-    explain.warm = True
+    compiled.add(method)
     heatmap = np.asarray(normalize_maps(raw))
     random_map = np.random.default_rng(0).uniform(size=raw.shape).astype(np.float32)
     deletion, insertion = evidence_fn(checkpoint, mtime)(image, np.stack([raw, random_map]),
                                                          target)
-    st.subheader(f"{LABELS[method]} — {CLASS_NAMES[target]}"
+    label = METHODS[method].label
+    st.subheader(f"{label} — {CLASS_NAMES[target]}"
                  + ("" if target == pred else " (not the predicted class)"))
     left, right = st.columns([2, 1])
-    fig = heatmap_figure(image, heatmap, raw, METHODS[method].signed, LABELS[method])
+    fig = heatmap_figure(image, heatmap, raw, METHODS[method].signed, label)
     left.pyplot(fig, clear_figure=True)
     lines = [
         f"Deletion AUC on this image: **{float(deletion[0]):.3f}** (random map "

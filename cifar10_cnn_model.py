@@ -3,15 +3,15 @@
 Shapes: images are float NHWC in [0, 1], (B, 32, 32, 3); logits are (B, num_classes).
 The per-channel standardisation happens inside the model, so callers never normalise.
 
-Named activations (block outputs after BN+ReLU, before pooling):
+Named activations (block outputs after BN+ReLU, before pooling), returned with
+`return_activations=True`:
     conv1 (B, 32, 32, w), conv2 (B, 16, 16, 2w), conv3 (B, 8, 8, 4w), with w = `width`.
-
-The network is split into `features` (image -> every named activation) and
-`head_from` (one named activation -> logits), so an explainer can differentiate the
-logits with respect to any block output with plain `jax.grad`, without hooks.
+They are the outputs of the submodules `block1`, `block2` and `block3`: explainers reach
+any layer by its module path (`xai_models`), and the seed's names are aliases of these
+paths (`layer_aliases`), so no checkpoint had to be renamed.
 """
 
-from typing import Any, Callable, ClassVar, Dict, Tuple
+from typing import Any, Callable, ClassVar, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -61,7 +61,7 @@ class Head(nn.Module):
         return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
-def _pool(x):
+def pool2x2(x):
     """2x2 max pooling, stride 2, as a max over a reshape.
 
     Same values as `nn.max_pool(x, (2, 2), strides=(2, 2))`, but its gradient is a plain
@@ -79,7 +79,7 @@ def _is_int(value, minimum):
 
 def check_input(x):
     """Refuses what the network would silently turn into garbage: anything but a float
-    batch (N, H, W, 3) with H and W multiples of 4 (two 2x2 poolings). Only the static
+    batch (N, H, W, 3) with H and W multiples of 8 (three 2x2 poolings). Only the static
     shape and dtype are read, so this also works while tracing under jit."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"CIFAR10CNN input x must be an array (N, H, W, 3), got "
@@ -88,9 +88,9 @@ def check_input(x):
     if len(shape) != 4 or shape[-1] != 3 or shape[0] == 0:
         raise ValueError(f"CIFAR10CNN input x must be a batch of RGB images (N, H, W, 3) "
                          f"with N >= 1, got shape {shape}")
-    if shape[1] % 4 or shape[2] % 4 or shape[1] == 0 or shape[2] == 0:
-        raise ValueError(f"CIFAR10CNN input height and width must be positive multiples of 4 "
-                         f"(two 2x2 poolings), got {shape[1]}x{shape[2]}")
+    if shape[1] % 8 or shape[2] % 8 or shape[1] == 0 or shape[2] == 0:
+        raise ValueError(f"CIFAR10CNN input height and width must be positive multiples of 8 "
+                         f"(three 2x2 poolings), got {shape[1]}x{shape[2]}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"CIFAR10CNN input x must be float images in [0, 1], got dtype "
                         f"{x.dtype} (divide uint8 images by 255 first)")
@@ -106,9 +106,8 @@ class CIFAR10CNN(nn.Module):
         dropout_rate: dropout before the last Dense layer (train mode only).
         dtype: what the convs and Dense layers compute in, e.g. `jnp.bfloat16` for
             mixed-precision training. Parameters, BatchNorm and the logits stay float32.
-        activation: the nonlinearity after every BatchNorm and the hidden Dense layer.
-            Explainers swap it with `model.clone(activation=...)`, e.g. Guided
-            Backprop's ReLU rule; the parameters are the same.
+        activation: the nonlinearity after every BatchNorm and the hidden Dense layer;
+            `model.clone(activation=...)` swaps it and keeps the parameters.
     """
 
     num_classes: int = 10
@@ -116,7 +115,12 @@ class CIFAR10CNN(nn.Module):
     dropout_rate: float = 0.5
     dtype: Any = jnp.float32
     activation: Callable = nn.relu
-    layer_names: ClassVar[Tuple[str, ...]] = LAYER_NAMES  # what explainers may target
+    # What explainers read, when a model declares it: the default layer to explain,
+    # other names for layers, and the image shape the model was built for.
+    explanation_layer: ClassVar[Optional[str]] = "block3"
+    layer_aliases: ClassVar[Dict[str, str]] = {name: f"block{i + 1}"
+                                               for i, name in enumerate(LAYER_NAMES)}
+    input_shape: ClassVar[Tuple[int, int, int]] = (32, 32, 3)
 
     def setup(self):
         for name, value, ok, expected in (
@@ -133,30 +137,16 @@ class CIFAR10CNN(nn.Module):
         self.head = Head(8 * self.width, self.num_classes, self.dropout_rate, self.dtype,
                          self.activation)
 
-    def features(self, x, *, train: bool = False) -> Dict[str, jnp.ndarray]:
-        """Returns every named block activation of a batch of [0, 1] images."""
+    def __call__(self, x, *, train: bool = False, return_activations: bool = False):
         check_input(x)
         x = (x - jnp.reshape(jnp.asarray(CIFAR10_MEAN), (1, 1, 1, 3))) / jnp.reshape(
             jnp.asarray(CIFAR10_STD), (1, 1, 1, 3))
         acts = {}
         for name, block in zip(LAYER_NAMES, self.blocks):
             if acts:
-                x = _pool(x)
+                x = pool2x2(x)
             x = acts[name] = block(x, train=train)
-        return acts
-
-    def head_from(self, act, *, layer: str = "conv3", train: bool = False):
-        """Runs the rest of the network from the activation named `layer` to the logits."""
-        if layer not in LAYER_NAMES:
-            raise ValueError(f"layer must be one of {LAYER_NAMES}, got {layer!r}")
-        x = act
-        for block in self.blocks[LAYER_NAMES.index(layer) + 1:]:
-            x = block(_pool(x), train=train)
-        return self.head(_pool(x), train=train)
-
-    def __call__(self, x, *, train: bool = False, return_activations: bool = False):
-        acts = self.features(x, train=train)
-        logits = self.head_from(acts["conv3"], layer="conv3", train=train)
+        logits = self.head(pool2x2(x), train=train)
         return (logits, acts) if return_activations else logits
 
 

@@ -123,3 +123,14 @@ def check_writable(path, name: str, *, folder: bool = False):
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(f"{name} {str(path)!r} cannot be written: no permission to "
                               f"write in {str(existing)!r}")
+
+
+def describe_device() -> str:
+    """What ran a measurement, for reports: e.g. 'gpu: NVIDIA H100 80GB HBM3 x1
+    (jax 0.11.0)' or 'cpu: 2 cores x1 (jax 0.10.2)'."""
+    import jax  # noqa: PLC0415 (argument checks need no JAX)
+
+    device = jax.devices()[0]
+    kind = f"{os.cpu_count()} cores" if device.platform == "cpu" else device.device_kind
+    return f"{device.platform}: {kind} x{jax.device_count()} (jax {jax.__version__})"
+

@@ -26,13 +26,12 @@ from tqdm.auto import tqdm
 import cifar10_data
 import cli
 import xai_metrics
-from cifar10_data import CLASS_NAMES
-from train_cifar10 import (EXACT_TEST_RECORDS, default_checkpoint, describe_checkpoint,
-                           load_checkpoint)
-from xai_visualizations import (GradCAM, GradCAMPlusPlus, IntegratedGradients, SaliencyMap,
-                                normalize_maps, overlay)
+from checkpoints import default_checkpoint, describe_checkpoint, load_checkpoint
+from cifar10_data import CLASS_NAMES, EXACT_TEST_RECORDS
+from xai_visualizations import METHODS, Explainer, GradCAM, check_options, normalize_maps, overlay
 
 EVIDENCE_STEP = 32  # pixels per point of the detailed figure's deletion/insertion curves
+DETAILED_METHODS = ("gradcam", "gradcam++", "saliency", "smoothgrad", "integrated_gradients")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,16 +57,16 @@ def predict(model, variables, images, batch_size=250, quiet=False, on_batch=None
     progress bar); otherwise a tqdm bar shows progress unless `quiet`.
     """
     forward = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x / 255.0)))
-    probs = []
-    for start in tqdm(range(0, len(images), batch_size), desc="predict",
-                      disable=quiet or on_batch is not None, leave=False):
-        batch = images[start:start + batch_size]
-        pad = batch_size - len(batch)  # a fixed shape compiles once
-        batch = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], batch.dtype)])
-        probs.append(np.asarray(forward(variables, batch))[:batch_size - pad])
-        if on_batch is not None:
-            on_batch(start + len(probs[-1]), len(images))
-    return np.concatenate(probs)
+    done = [0]
+
+    def report(size):
+        done[0] += size
+        on_batch(done[0], len(images))
+
+    with tqdm(total=len(images), desc="predict", disable=quiet or on_batch is not None,
+              leave=False) as bar:
+        return cifar10_data.map_batches(lambda x: forward(variables, x), [images], batch_size,
+                                        on_batch=bar.update if on_batch is None else report)
 
 
 def _label(i):
@@ -197,6 +196,13 @@ def plot_confusion(plt, path, labels, preds):
     plt.close(fig)
 
 
+def method_options(config: DemoConfig, method):
+    """The options of `method` that the demo's config sets (by the options' names)."""
+    given = {"layer": config.layer, "n_samples": config.smoothgrad_samples,
+             "steps": config.ig_steps}
+    return {k: v for k, v in given.items() if k in METHODS[method].options}
+
+
 def run_demo(config: DemoConfig, model, variables, data: cifar10_data.Cifar10):
     """Writes every figure into `config.output_dir`; returns the paths written."""
     import matplotlib
@@ -211,9 +217,9 @@ def run_demo(config: DemoConfig, model, variables, data: cifar10_data.Cifar10):
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    gradcam, saliency = GradCAM(model, target_layer=config.layer), SaliencyMap(model)
-    gradcam_pp = GradCAMPlusPlus(model, layer=config.layer)
-    integrated = IntegratedGradients(model, steps=config.ig_steps)
+    gradcam = GradCAM(model, target_layer=config.layer)
+    explainers = {method: Explainer(model, method, **method_options(config, method))
+                  for method in DETAILED_METHODS}
     evidence_fn = jax.jit(lambda v, x, m, t: xai_metrics.deletion_insertion(
         model, v, x, m, t, step=EVIDENCE_STEP))
     rng = np.random.default_rng(config.seed)
@@ -225,17 +231,15 @@ def run_demo(config: DemoConfig, model, variables, data: cifar10_data.Cifar10):
     for k, i in enumerate(tqdm(detailed, desc="detailed", disable=config.quiet,
                                leave=False)):
         image, label = images[k], int(labels[i])
-        maps = {"GradCAM": gradcam.compute_gradcam(params, batch_stats, image)[0],
-                "Grad-CAM++": gradcam_pp.explain(params, batch_stats, image)[0],
-                "saliency": saliency.compute_saliency(params, batch_stats, image)[0],
-                "SmoothGrad": saliency.compute_smooth_saliency(
-                    params, batch_stats, image, n_samples=config.smoothgrad_samples,
-                    seed=config.seed)[0],
-                # signed; shown and ranked by magnitude
-                "|IG|": np.asarray(normalize_maps(np.abs(integrated.explain(
-                    params, batch_stats, image, normalize=False)[0])))}
-        random_map = np.random.default_rng((config.seed, k)).uniform(size=(32, 32)).astype(
-            np.float32)
+        maps = {}
+        for method, explainer in explainers.items():
+            raw = explainer.explain(params, batch_stats, image, seed=config.seed,
+                                    normalize=False)[0]
+            spec = METHODS[method]  # signed maps are shown and ranked by magnitude
+            maps[f"|{spec.label}|" if spec.signed else spec.label] = np.asarray(
+                normalize_maps(np.abs(raw) if spec.signed else raw))
+        random_map = np.random.default_rng((config.seed, k)).uniform(
+            size=image.shape[:2]).astype(np.float32)
         stack = np.stack(list(maps.values()) + [random_map])
         curves = evidence_fn(variables, np.repeat(image[None], len(stack), 0), stack,
                              np.full(len(stack), -1, np.int32))
@@ -261,7 +265,7 @@ def run_demo(config: DemoConfig, model, variables, data: cifar10_data.Cifar10):
     wrong = np.flatnonzero(preds != labels)
     wrong = np.sort(rng.permutation(wrong)[:config.num_misclassified])
     wrong_images = test_u8[wrong] / np.float32(255)
-    pred_maps = true_maps = np.zeros((0, 32, 32))
+    pred_maps = true_maps = np.zeros((0,) + images.shape[1:3])
     if len(wrong):
         pred_maps = gradcam.compute_gradcam(params, batch_stats, wrong_images)[0]
         true_maps = gradcam.compute_gradcam(params, batch_stats, wrong_images,
@@ -311,9 +315,8 @@ def main(argv=None):
     cli.check_writable(config.output_dir, "--output-dir", folder=True)
     checkpoint = config.checkpoint or default_checkpoint()
     model, variables = load_checkpoint(checkpoint)
-    if config.layer not in model.layer_names:
-        raise ValueError(f"--layer must be one of {tuple(model.layer_names)}, got "
-                         f"{config.layer!r}")
+    check_options("gradcam", model, {"layer": config.layer}, variables=variables,
+                  layer_name="--layer")  # an unknown layer stops here, before any work
     if not config.quiet:
         print(f"explaining {describe_checkpoint(checkpoint)}")
     data = cifar10_data.load_cifar10(config.data_dir)

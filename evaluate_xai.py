@@ -32,8 +32,8 @@ import cifar10_data
 import cli
 import xai_metrics as xm
 import xai_visualizations as xv
-from train_cifar10 import (EXACT_TEST_RECORDS, _atomic_write, default_checkpoint,
-                           describe_checkpoint, describe_device, load_checkpoint)
+from checkpoints import atomic_write, default_checkpoint, describe_checkpoint, load_checkpoint
+from cifar10_data import EXACT_TEST_RECORDS, map_batches
 
 # A method passes the randomisation check when the Spearman ρ of its |maps| with the
 # trained model's maps, averaged over the cascade's levels, is below this: its maps
@@ -64,29 +64,16 @@ class EvalConfig:
     quiet: bool = False
 
     def options(self, method):
-        """The method's options from this config."""
-        if "layer" in xv.METHODS[method].defaults:
-            return {"layer": self.layer}
-        return {"integrated_gradients": {"steps": self.ig_steps},
-                "smoothgrad": {"n_samples": self.smoothgrad_samples},
-                "rise": {"n_masks": self.rise_masks},
-                "occlusion": {"patch": self.occlusion_patch,
-                              "stride": self.occlusion_stride}}.get(method, {})
+        """The options of `method` that this config sets (by the options' names)."""
+        given = {"layer": self.layer, "steps": self.ig_steps,
+                 "n_samples": self.smoothgrad_samples, "n_masks": self.rise_masks,
+                 "patch": self.occlusion_patch, "stride": self.occlusion_stride}
+        return {k: v for k, v in given.items() if k in xv.METHODS[method].options}
 
 
 def run_chunks(fn, arrays, chunk, bar=None):
-    """fn(*chunk_arrays) over fixed-size chunks (the last padded by repeating its first
-    row, so every call has one shape and compiles once); outputs concatenated."""
-    n = len(arrays[0])
-    outs = []
-    for start in range(0, n, chunk):
-        parts = [a[start:start + chunk] for a in arrays]
-        size = len(parts[0])
-        parts = [jnp.concatenate([p, jnp.repeat(p[:1], chunk - size, axis=0)]) for p in parts]
-        outs.append(jax.tree.map(lambda o: o[:size], fn(*parts)))
-        if bar is not None:
-            bar.update(size)
-    return jax.tree.map(lambda *o: jnp.concatenate(o), *outs)
+    """`cifar10_data.map_batches` with a progress bar."""
+    return map_batches(fn, arrays, chunk, on_batch=None if bar is None else bar.update)
 
 
 def _timed(fn, *args):
@@ -115,7 +102,8 @@ class Evaluation:
         r = min(config.randomization_images, len(images))
         self.rand_images, self.rand_targets = images[:r], self.preds[:r]
         fresh = jax.jit(model.init)(jax.random.fold_in(self.key, 1), images[:1])["params"]
-        self.levels, self.stacked = xm.cascading_randomization(model, variables, fresh)
+        self.levels, self.stacked = xm.cascading_randomization(model, variables, fresh,
+                                                               images.shape[1:])
         self.other = xm.random_other_classes(jax.random.fold_in(self.key, 2),
                                              self.rand_targets, model.num_classes)
 
@@ -142,45 +130,41 @@ class Evaluation:
     def card(self, method):
         """Everything measured for one method, as plain values, plus arrays for figures."""
         c, model = self.config, self.model
-        options = xv.check_options(method, model, c.options(method))
+        spec = xv.METHODS[method]
+        options = xv.check_options(method, model, c.options(method), self.images.shape[1:],
+                                   self.variables)
         key = jax.random.fold_in(self.key, 4)
 
         def explain(variables, images, targets):
             return xv.explain(method, model, variables, images, targets, key,
-                              batch_size=c.batch_size, **options)[0]
-
-        def explain_and_gaps(variables, images, targets):
-            """The maps, and for IG its completeness gaps from the same pass."""
-            if method != "integrated_gradients":
-                return explain(variables, images, targets), None
-            attributions, gaps, _, _ = xv.integrated_gradients(
-                model, variables, images, targets, batch_size=c.batch_size, **options)
-            return xv.sum_channels(attributions), gaps
+                              batch_size=c.batch_size, **options)
 
         chunk = min(c.chunk, len(self.images))
         start = time.perf_counter()
-        fn = jax.jit(explain_and_gaps).lower(self.variables, self.images[:chunk],
-                                             self.preds[:chunk]).compile()
+        fn = jax.jit(explain).lower(self.variables, self.images[:chunk],
+                                    self.preds[:chunk]).compile()
         compile_s = time.perf_counter() - start
         bar = tqdm(total=len(self.images), desc=f"  {method}", disable=c.quiet, leave=False)
-        (maps, gaps), seconds = _timed(lambda: run_chunks(
+        out, seconds = _timed(lambda: run_chunks(
             lambda x, t: fn(self.variables, x, t), [self.images, self.preds], chunk, bar))
         bar.close()
+        maps = out.maps
         curves, curve_s = self.curves(maps)
 
         r = len(self.rand_images)
-        levels = jax.jit(lambda stacked, v, x, t: xm.randomization_maps(explain, stacked, v,
-                                                                        x, t))
+        levels = jax.jit(lambda stacked, v, x, t: xm.randomization_maps(
+            lambda *args: explain(*args).maps, stacked, v, x, t))
         rand_maps = levels(self.stacked, self.variables, self.rand_images, self.rand_targets)
         randomization = xm.summarize(xm.similarity(rand_maps, maps[:r]))
-        other_maps = run_chunks(lambda x, t: fn(self.variables, x, t)[0],
+        other_maps = run_chunks(lambda x, t: fn(self.variables, x, t).maps,
                                 [self.rand_images, self.other], chunk)
         random_logit = xm.summarize(xm.similarity(other_maps, maps[:r]), axis=None)
-        forward, backward = xv.METHODS[method].passes(options)
+        forward, backward = spec.passes(options, self.images.shape[1:])
         card = {
             "method": method,
-            "paper": xv.METHODS[method].paper,
-            "signed": xv.METHODS[method].signed,
+            "label": spec.label,
+            "paper": spec.paper,
+            "signed": spec.signed,
             "parameters": {k: (v if v is None or isinstance(v, (int, float, str)) else "array")
                            for k, v in options.items()},
             "deletion_auc": float(jnp.mean(curves["deletion_auc"])),
@@ -195,10 +179,9 @@ class Evaluation:
             "compile_s": round(compile_s, 2),
             "deletion_insertion_s": round(curve_s, 2),
         }
-        if gaps is not None:
-            card["completeness_gap"] = {"mean": float(jnp.mean(gaps)),
-                                        "median": float(jnp.median(gaps)),
-                                        "max": float(jnp.max(gaps))}
+        for name, values in out.extras.items():  # e.g. IG's completeness gap
+            card[name] = {"mean": float(np.mean(values)), "median": float(np.median(values)),
+                          "max": float(np.max(values))}
         arrays = {"curves": curves, "example_maps": np.asarray(rand_maps[:, 0]),
                   "example_map": np.asarray(maps[0])}
         return card, arrays
@@ -249,10 +232,11 @@ def markdown(report):
             lines.append(f"| {card['method']} | " + " | ".join(
                 f"{a:.2f} ({s:.2f}, {q:.2f})" for a, s, q in
                 zip(r["spearman_abs"], r["spearman_signed"], r["ssim"])) + " |")
-    gap = cards.get("integrated_gradients", {}).get("completeness_gap")
-    if gap:
-        lines += ["", f"Integrated Gradients' completeness gap: mean {gap['mean']:.4f}, "
-                  f"median {gap['median']:.4f}, max {gap['max']:.4f}."]
+    for card in cards.values():
+        gap = card.get("completeness_gap")
+        if gap:
+            lines += ["", f"{card.get('label', card['method'])}'s completeness gap: mean "
+                      f"{gap['mean']:.4f}, median {gap['median']:.4f}, max {gap['max']:.4f}."]
     return "\n".join(lines) + "\n"
 
 
@@ -275,7 +259,7 @@ def plot_curves(path, reference, curves):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -311,7 +295,7 @@ def plot_randomization(path, image, levels, cards, arrays):
             if row == 2:
                 a.set_title((["image", "trained"] + levels)[col], fontsize=6)
     fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
     plt.close(fig)
 
 
@@ -323,11 +307,9 @@ def evaluate(config: EvalConfig, model=None, variables=None, data=None):
         model, variables = load_checkpoint(config.checkpoint)
         if not config.quiet:
             print(f"evaluating {describe_checkpoint(config.checkpoint)}")
-    if config.layer not in getattr(model, "layer_names", (config.layer,)):
-        raise ValueError(f"layer must be one of {tuple(model.layer_names)}, got "
-                         f"{config.layer!r}")
+    image_shape = data.test_images.shape[1:] if data is not None else None
     for method in config.methods:  # every option checked before any work
-        xv.check_options(method, model, config.options(method))
+        xv.check_options(method, model, config.options(method), image_shape, variables)
     if data is None:
         data = cifar10_data.load_cifar10(config.data_dir)
     n = min(config.num_images, len(data.test_labels))
@@ -337,7 +319,7 @@ def evaluate(config: EvalConfig, model=None, variables=None, data=None):
     out.mkdir(parents=True, exist_ok=True)
     reference = run.reference()
     report = {"num_images": n, "accuracy": float(jnp.mean(run.preds == run.labels)),
-              "device": describe_device(), "config": dataclasses.asdict(config),
+              "device": cli.describe_device(), "config": dataclasses.asdict(config),
               "random_reference": {"deletion_auc": float(jnp.mean(reference["deletion_auc"])),
                                    "insertion_auc": float(jnp.mean(reference["insertion_auc"]))},
               "methods": {}}
@@ -346,9 +328,9 @@ def evaluate(config: EvalConfig, model=None, variables=None, data=None):
         card, arrays[method] = run.card(method)
         card["verdicts"] = verdicts(card, report["random_reference"])
         report["methods"][method] = card
-        _atomic_write(out / "evaluation.json",
+        atomic_write(out / "evaluation.json",
                       lambda f: f.write(json.dumps(report, indent=2).encode()))
-        _atomic_write(out / "evaluation.md", lambda f: f.write(markdown(report).encode()))
+        atomic_write(out / "evaluation.md", lambda f: f.write(markdown(report).encode()))
     plot_curves(out / "deletion_insertion.png", reference,
                 {m: a["curves"] for m, a in arrays.items()})
     plot_randomization(out / "randomization.png", np.asarray(images[0]), run.levels,

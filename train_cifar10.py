@@ -22,10 +22,8 @@ import hashlib
 import json
 import numbers
 import os
-import pickle
 import shlex
 import sys
-import tempfile
 import time
 import typing
 from pathlib import Path
@@ -40,7 +38,14 @@ from tqdm.auto import tqdm
 
 import cifar10_data
 import cli
-from cifar10_cnn_model import CIFAR10CNN, model_config
+# Checkpoints live in their own module; these names stay importable from here too.
+from cli import describe_device  # noqa: F401 (also used by the reports)
+from checkpoints import (PRETRAINED, architecture_record, atomic_write,  # noqa: F401
+                         default_checkpoint, describe_checkpoint, differences,
+                         load_checkpoint, load_state, newest_state, read_state,
+                         save_checkpoint, save_state, shown)
+from cifar10_cnn_model import CIFAR10CNN
+from cifar10_data import EXACT_TEST_RECORDS
 
 # What each recipe sets; flags override only the learning rate.
 RECIPES = {
@@ -55,8 +60,6 @@ RECIPES = {
                     warmup_fraction=0.15),
 }
 PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
-PRETRAINED = Path(__file__).resolve().parent / "pretrained" / "cifar10_cnn.pkl"
-EXACT_TEST_RECORDS = 1000  # test records 0..999 are exact; the rest are JPEG-degraded here
 
 
 def _help(text, **kwargs):
@@ -305,18 +308,10 @@ def data_parallel_shardings():
 def evaluate(state, images, labels, batch_size: int, sharding=None):
     """Per-example {'loss', 'correct'} numpy arrays over a whole set, fixed batch shapes;
     each batch is placed with `sharding` when given."""
-    outputs = []
-    for start in range(0, len(labels), batch_size):
-        batch = {"image": images[start:start + batch_size],
-                 "label": labels[start:start + batch_size]}
-        n = len(batch["label"])
-        if n < batch_size:  # pad the last batch so that eval_step compiles once
-            batch = jax.tree.map(
-                lambda a: jnp.pad(a, [(0, batch_size - n)] + [(0, 0)] * (a.ndim - 1)), batch)
-        if sharding is not None:
-            batch = jax.device_put(batch, sharding)
-        outputs.append(jax.tree.map(lambda a: a[:n], eval_step(state, batch)))
-    return jax.device_get(jax.tree.map(lambda *a: jnp.concatenate(a), *outputs))
+    place = None if sharding is None else (lambda batch: jax.device_put(batch, sharding))
+    return cifar10_data.map_batches(
+        lambda x, y: eval_step(state, {"image": x, "label": y}), [images, labels],
+        batch_size, place=place)
 
 
 def default_steps_per_call() -> int:
@@ -367,95 +362,26 @@ def _replicated(sharding):
     return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
 
 
-def describe_device() -> str:
-    """E.g. 'gpu: NVIDIA H100 80GB HBM3 x1 (jax 0.11.0)' or 'cpu: 2 cores x1 (jax 0.10.2)'."""
-    device = jax.devices()[0]
-    kind = f"{os.cpu_count()} cores" if device.platform == "cpu" else device.device_kind
-    return f"{device.platform}: {kind} x{jax.device_count()} (jax {jax.__version__})"
-
-
-def _summary(per_example, limit=None, prefix=""):
+def summarize(per_example, limit=None, prefix=""):
+    """{'accuracy', 'loss'} of the first `limit` examples of `evaluate`'s output."""
     return {"accuracy": float(np.mean(per_example[prefix + "correct"][:limit])),
             "loss": float(np.mean(per_example[prefix + "loss"][:limit]))}
 
 
 # Fields that change what training computes; a state saved under other values of these
 # cannot be resumed.
-_RUN_FIELDS = ("recipe", "epochs", "batch_size", "lr", "seed", "val_fraction", "train_subset",
+RUN_FIELDS = ("recipe", "epochs", "batch_size", "lr", "seed", "val_fraction", "train_subset",
                "width", "precision", "steps_per_call")
 
 
-def _is_key(leaf):
-    return jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key)
-
-
-def save_state(directory, state, epoch: int, history, config: TrainConfig):
-    """Writes the whole training state after `epoch` atomically to
-    `directory/state_EPOCH.pkl` as plain numpy arrays and builtins, then deletes all but
-    the newest `config.keep` states."""
-    directory = Path(directory)
-    leaves = [np.asarray(jax.random.key_data(leaf) if _is_key(leaf) else leaf)
-              for leaf in jax.device_get(jax.tree.leaves(state))]
-    record = {"format": 1, "epoch": epoch, "leaves": leaves, "history": history,
-              "config": {k: getattr(config, k) for k in _RUN_FIELDS}}
-    _atomic_write(directory / f"state_{epoch:04d}.pkl",
-                  lambda f: pickle.dump(record, f, protocol=4))
-    for old in sorted(directory.glob("state_*.pkl"))[:-config.keep]:
-        old.unlink(missing_ok=True)
-
-
-def newest_state(directory) -> Optional[Path]:
-    """The state file of the latest epoch in `directory`, or None."""
-    states = sorted(Path(directory).glob("state_[0-9]*.pkl"))
-    return states[-1] if states else None
-
-
-def read_state(path) -> dict:
-    """The record `save_state` wrote: {'epoch', 'leaves', 'history', 'config'}, checked."""
-    try:
-        record = cifar10_data.safe_pickle_load(path)
-        record = {"config": dict(record["config"]), "leaves": list(record["leaves"]),
-                  "epoch": int(record["epoch"]), "history": list(record["history"])}
-    except Exception as e:
-        raise ValueError(f"training state {str(path)!r} is not readable ({type(e).__name__}: "
-                         f"{e}); delete it to resume from the one before") from None
-    return record
+def run_settings(config: TrainConfig) -> dict:
+    """The settings that shape the run, as its training states record them."""
+    return {k: getattr(config, k) for k in RUN_FIELDS}
 
 
 def _differences(saved: dict, config: TrainConfig) -> dict:
     """{field: (saved, now)} for each run-shaping setting that differs."""
-    return {k: (saved.get(k), getattr(config, k)) for k in _RUN_FIELDS
-            if saved.get(k) != getattr(config, k)}
-
-
-def load_state(path, template, config: TrainConfig):
-    """Rebuilds a saved training state on the structure of `template` (a fresh state of
-    the same config), checking the config, the number of arrays and each shape and dtype.
-
-    Returns:
-        (state, epoch, history).
-    """
-    record = read_state(path)
-    leaves, epoch, history = record["leaves"], record["epoch"], record["history"]
-    differ = _differences(record["config"], config)
-    if differ:
-        raise ValueError(f"cannot resume from {str(path)!r}: it was trained with other "
-                         f"settings (saved, now): {differ}")
-    template_leaves, treedef = jax.tree.flatten(template)
-    template_leaves = [leaf if _is_key(leaf) else jnp.asarray(leaf)  # the step may be an int
-                       for leaf in template_leaves]
-    if len(leaves) != len(template_leaves):
-        raise ValueError(f"training state {str(path)!r} holds {len(leaves)} arrays, the "
-                         f"model and optimiser need {len(template_leaves)}")
-    restored = []
-    for i, (leaf, like) in enumerate(zip(leaves, template_leaves)):
-        if _is_key(like):
-            leaf = jax.random.wrap_key_data(leaf, impl=jax.random.key_impl(like))
-        if leaf.shape != like.shape or leaf.dtype != like.dtype:
-            raise ValueError(f"training state {str(path)!r}: array {i} is {leaf.dtype}"
-                             f"{tuple(leaf.shape)}, expected {like.dtype}{tuple(like.shape)}")
-        restored.append(leaf)
-    return jax.tree.unflatten(treedef, restored), epoch, history
+    return differences(saved, run_settings(config))
 
 
 # ---------------------------------------------------------------- runs and their folders
@@ -475,7 +401,7 @@ def run_directory(config: TrainConfig) -> Path:
     The key hashes the settings that shape the run, so two runs share a folder only
     when they write the same checkpoint with the same settings: when they are one run.
     """
-    settings = json.dumps({k: getattr(config, k) for k in _RUN_FIELDS}, sort_keys=True)
+    settings = json.dumps(run_settings(config), sort_keys=True)
     output = Path(config.output)
     return (output.with_name(output.stem + ".states")
             / hashlib.sha256(settings.encode()).hexdigest()[:8])
@@ -502,7 +428,7 @@ def command_line(config: TrainConfig, *, resume: bool = True) -> str:
         return words
 
     words = min(flags(TrainConfig()), ["--smoke"] + flags(TrainConfig(**SMOKE)), key=len)
-    return shlex.join(["python", _shown(__file__)] + words + (["--resume"] if resume else []))
+    return shlex.join(["python", shown(__file__)] + words + (["--resume"] if resume else []))
 
 
 def _other_runs(config: TrainConfig) -> str:
@@ -517,7 +443,7 @@ def _other_runs(config: TrainConfig) -> str:
             continue
         try:
             settings = read_state(saved)["config"]
-            other = dataclasses.replace(config, **{k: settings[k] for k in _RUN_FIELDS},
+            other = dataclasses.replace(config, **{k: settings[k] for k in RUN_FIELDS},
                                         checkpoint_dir=str(folder), resume=True)
         except (ValueError, TypeError, KeyError):
             continue
@@ -625,7 +551,7 @@ def train_and_evaluate(config: TrainConfig, *, model=None, data=None):
     state = create_train_state(model, config, init_key, config.epochs * steps_per_epoch)
     start_epoch, history = 0, []
     if saved is not None:
-        state, start_epoch, history = load_state(saved, state, config)
+        state, start_epoch, history = load_state(saved, state, run_settings(config))
         if not config.quiet:
             print(f"resuming after epoch {start_epoch} from {saved}")
     state = jax.device_put(state, replicated)
@@ -651,9 +577,9 @@ def train_and_evaluate(config: TrainConfig, *, model=None, data=None):
                    "train_s": round(time.time() - epoch_start, 2)}
             if len(val_y):
                 per_example = evaluate(state, val_x, val_y, config.batch_size, split)
-                val = _summary(per_example)
+                val = summarize(per_example)
                 row.update(val_loss=val["loss"], val_accuracy=val["accuracy"],
-                           val_accuracy_tta=_summary(per_example, prefix="tta_")["accuracy"])
+                           val_accuracy_tta=summarize(per_example, prefix="tta_")["accuracy"])
         if not np.isfinite(train_metrics["loss"]):
             bad = int(np.argmin(np.isfinite(train_metrics["losses"])))
             last = newest_state(config.checkpoint_dir) if config.checkpoint_dir else None
@@ -665,20 +591,21 @@ def train_and_evaluate(config: TrainConfig, *, model=None, data=None):
         del train_metrics["losses"], row["train_losses"]
         history.append(row)
         if config.checkpoint_dir:
-            save_state(config.checkpoint_dir, state, epoch + 1, history, config)
+            save_state(config.checkpoint_dir, state, epoch + 1, history, run_settings(config),
+                       config.keep)
         if not config.quiet:
             tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                 for k, v in row.items()))
     test = evaluate(state, test_x, test_y, config.batch_size, split)
-    test_all = _summary(test)
+    test_all = summarize(test)
     metrics = {
         "history": history,
         "val_accuracy": history[-1].get("val_accuracy"),
         "val_accuracy_tta": history[-1].get("val_accuracy_tta"),
-        "test_accuracy_first1000": _summary(test, EXACT_TEST_RECORDS)["accuracy"],
+        "test_accuracy_first1000": summarize(test, EXACT_TEST_RECORDS)["accuracy"],
         "test_accuracy": test_all["accuracy"],
-        "test_accuracy_tta_first1000": _summary(test, EXACT_TEST_RECORDS, "tta_")["accuracy"],
-        "test_accuracy_tta": _summary(test, prefix="tta_")["accuracy"],
+        "test_accuracy_tta_first1000": summarize(test, EXACT_TEST_RECORDS, "tta_")["accuracy"],
+        "test_accuracy_tta": summarize(test, prefix="tta_")["accuracy"],
         "test_loss": test_all["loss"],
         "compile_s": compile_s,
         "steps_per_call": block,
@@ -691,164 +618,12 @@ def train_and_evaluate(config: TrainConfig, *, model=None, data=None):
 # ---------------------------------------------------------------- checkpoints
 
 
-def _atomic_write(path, write):
-    """Calls write(file) on a temporary file next to `path`, then renames it into place.
-
-    Either the whole new file is in place or `path` is unchanged. An OS error (disk full,
-    permission denied) is re-raised as an OSError that names the path and says so.
-    """
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from others
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise OSError(e.errno, f"could not write {str(path)!r} ({e.strerror or e}); "
-                          f"{'the previous file is unchanged' if path.exists() else 'nothing was written'}"
-                          ) from e
-        raise
-
-
-def _plain(tree):
-    """Converts a pytree to numpy arrays inside plain dicts and lists; drops None values."""
-    if hasattr(tree, "items"):  # dict or FrozenDict
-        return {str(k): _plain(v) for k, v in tree.items() if v is not None}
-    if isinstance(tree, (list, tuple)):
-        return [_plain(v) for v in tree]
-    if isinstance(tree, (jax.Array, np.ndarray)):
-        return np.asarray(jax.device_get(tree))
-    return tree
-
-
-def _run_config(model, config: Optional[TrainConfig]) -> dict:
-    """What rebuilds the model, and the training config that produced it."""
-    return {"model": model_config(model),
-            "train": dataclasses.asdict(config) if config else {}}
-
-
-def save_checkpoint(path, model, variables, config: Optional[TrainConfig] = None,
-                    metrics: Optional[dict] = None):
-    """Writes {'params', 'batch_stats', 'config', 'metrics'} atomically as a plain pickle."""
-    checkpoint = {
-        "params": _plain(variables["params"]),
-        "batch_stats": _plain(variables["batch_stats"]),
-        "config": _plain(_run_config(model, config)),
-        "metrics": _plain(metrics or {}),
-    }
-    _atomic_write(path, lambda f: pickle.dump(checkpoint, f, protocol=4))
-
-
-def default_checkpoint() -> Path:
-    """Your `cifar10_model.pkl` when it exists, else the shipped pretrained checkpoint."""
-    own = Path("cifar10_model.pkl")
-    return own if own.is_file() else PRETRAINED
-
-
-def load_checkpoint(path=None):
-    """Loads a checkpoint written by `save_checkpoint`, without running code from it.
-
-    Args:
-      path: the checkpoint; default `default_checkpoint()`, and it says which it took.
-
-    Returns:
-      (model, variables): the rebuilt `CIFAR10CNN` and {'params', 'batch_stats'}, ready
-      for `model.apply(variables, images)`.
-    """
-    if path is None:
-        path = default_checkpoint()
-        print(f"loading {path}" + (" (the pretrained checkpoint; train your own into "
-                                   "cifar10_model.pkl to use it instead)"
-                                   if path == PRETRAINED else ""))
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"checkpoint {str(path)!r} is a folder; give the .pkl file "
-                                "that `python train_cifar10.py --output PATH` wrote")
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; train one with "
-                                "`python train_cifar10.py --output PATH`")
-    try:
-        checkpoint = cifar10_data.safe_pickle_load(path)
-        if isinstance(checkpoint, dict) and {"leaves", "epoch"} <= set(checkpoint):
-            raise ValueError("it is a training state, written after every epoch; the "
-                             "run's checkpoint is the file its --output names")
-        fields = dict(checkpoint["config"]["model"])
-        variables = {k: checkpoint[k] for k in ("params", "batch_stats")}
-    except Exception as e:
-        raise ValueError(f"checkpoint {str(path)!r} is not a readable cifar10-xai "
-                         f"checkpoint ({type(e).__name__}: {e})") from None
-    try:
-        model = CIFAR10CNN(**fields)
-    except TypeError as e:
-        raise ValueError(f"checkpoint {str(path)!r} holds another architecture: its model "
-                         f"config {fields} does not build a CIFAR10CNN ({e})") from None
-    _check_structure(path, model, variables)
-    return model, variables
-
-
-def _shown(path) -> str:
-    """`path` as a user would type it from the current folder: relative when inside it."""
-    path = Path(path).resolve()
-    try:
-        return str(path.relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
-
-
-def describe_checkpoint(path) -> str:
-    """One line: which checkpoint this is, and the test accuracy its training recorded."""
-    which = " (the shipped checkpoint)" if Path(path).resolve() == PRETRAINED else ""
-    try:
-        metrics = dict(cifar10_data.safe_pickle_load(path).get("metrics") or {})
-    except Exception:  # noqa: BLE001 - load_checkpoint says what is wrong with the file
-        metrics = {}
-    first, every = metrics.get("test_accuracy_first1000"), metrics.get("test_accuracy")
-    if first is None:
-        return f"{_shown(path)}{which}: no test accuracy recorded"
-    return (f"{_shown(path)}{which}: recorded test accuracy {first:.1%} on the first "
-            f"{EXACT_TEST_RECORDS:,} test records"
-            + (f", {every:.1%} on all" if every is not None else ""))
-
-
-def _check_structure(path, model, variables):
-    """Every array the model needs, with its shape and a float dtype, and nothing else."""
-    expected = jax.eval_shape(model.init, jax.random.key(0),
-                              jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
-    want = {jax.tree_util.keystr(p): v for p, v in
-            jax.tree_util.tree_flatten_with_path(dict(expected))[0]}
-    try:
-        got = {jax.tree_util.keystr(p): v for p, v in
-               jax.tree_util.tree_flatten_with_path(variables)[0]}
-    except Exception as e:
-        raise ValueError(f"checkpoint {str(path)!r} holds malformed variables ({e})") from None
-    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    if missing or extra:
-        raise ValueError(f"checkpoint {str(path)!r} does not match its model config "
-                         f"{model_config(model)}: missing {missing[:3]}, unexpected "
-                         f"{extra[:3]}")
-    for name, like in want.items():
-        value = got[name]
-        if (not isinstance(value, np.ndarray) or value.shape != like.shape
-                or not np.issubdtype(value.dtype, np.floating)):
-            raise ValueError(f"checkpoint {str(path)!r}: {name} must be a float array of "
-                             f"shape {like.shape}, got {getattr(value, 'dtype', type(value).__name__)}"
-                             f"{getattr(value, 'shape', '')}")
-
-
 def write_report(path, config: TrainConfig, model, metrics: dict):
     """Writes the run's config and metrics as JSON."""
-    report = {"config": _run_config(model, config), **metrics}
-    _atomic_write(path, lambda f: f.write(json.dumps(report, indent=2).encode()))
+    architecture, fields = architecture_record(model)
+    report = {"config": {"architecture": architecture, "model": fields,
+                         "train": dataclasses.asdict(config)}, **metrics}
+    atomic_write(path, lambda f: f.write(json.dumps(report, indent=2).encode()))
 
 
 def plot_history(history, path):
@@ -870,7 +645,7 @@ def plot_history(history, path):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 

@@ -23,7 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xai_visualizations import _check_int, map_pairs, normalize_maps, resolve_targets
+from flax import traverse_util
+
+from xai_visualizations import check_int, map_pairs, normalize_maps, resolve_targets
 
 BASELINES = ("zero", "blur", "mean")
 
@@ -73,7 +75,7 @@ def gaussian_blur(images, sigma=5.0, size=11):
     _check_images(images)
     if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not sigma > 0:
         raise ValueError(f"sigma must be a number > 0, got {sigma!r}")
-    _check_int("size", size, 1)
+    check_int("size", size, 1)
     if size % 2 == 0:
         raise ValueError(f"size must be odd, got {size}")
     radius = size // 2
@@ -138,8 +140,8 @@ def deletion_insertion(model, variables, images, maps, targets, *, step=32,
     if _shape("targets", targets) != (n,):
         raise ValueError(f"targets must be one class per image, shape ({n},), got shape "
                          f"{tuple(targets.shape)}")
-    _check_int("step", step, 1)
-    _check_int("batch_size", batch_size, 1)
+    check_int("step", step, 1)
+    check_int("batch_size", batch_size, 1)
     for name, kind in (("deletion_baseline", deletion_baseline),
                        ("insertion_baseline", insertion_baseline)):
         if kind not in BASELINES:
@@ -205,7 +207,7 @@ def ssim(a, b, *, size=7, sigma=1.5, data_range=1.0):
     first (`normalize_maps`) so that `data_range` is 1.
     """
     shape = _check_pair(a, b)
-    _check_int("size", size, 1)
+    check_int("size", size, 1)
     if min(shape[-2:]) < size:
         raise ValueError(f"maps must be at least size x size = {size}x{size} for the SSIM "
                          f"window, got {shape[-2]}x{shape[-1]}")
@@ -246,25 +248,25 @@ def similarity(maps, reference):
 # Sanity checks.
 
 
-def _has_params(params, path):
-    tree = params
-    for k in path:
-        if not hasattr(tree, "items") or k not in tree:
-            return False
-        tree = tree[k]
-    return hasattr(tree, "items") and any(not hasattr(v, "items") for v in tree.values())
 
 
-def layer_order(model, variables, image_shape=(1, 32, 32, 3)):
+def layer_order(model, variables, image_shape=None):
     """Paths of the modules that hold parameters, in the order the forward pass calls
     them (recorded with `flax.linen.intercept_methods`, so it follows the model, not
-    the order of the checkpoint's keys)."""
+    the order of the checkpoint's keys).
+
+    `image_shape` is one image's (H, W, C); default the model's declared `input_shape`.
+    """
     import flax.linen as nn  # noqa: PLC0415
 
     if not hasattr(variables, "keys") or "params" not in variables:
         raise ValueError(f"variables must be the model's variables, a dict with 'params', "
                          f"got {type(variables).__name__}"
                          + (f" with keys {sorted(variables)}" if hasattr(variables, "keys") else ""))
+    image_shape = tuple(image_shape or getattr(model, "input_shape", None) or ())
+    if len(image_shape) != 3:
+        raise ValueError(f"image_shape must be one image's (H, W, C), got {image_shape!r} "
+                         f"({type(model).__name__} declares no input_shape)")
     order = []
 
     def record(next_fun, args, kwargs, context):
@@ -274,11 +276,13 @@ def layer_order(model, variables, image_shape=(1, 32, 32, 3)):
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(record):
-        jax.eval_shape(lambda v: model.apply(v, jnp.zeros(image_shape)), variables)
-    return [path for path in order if _has_params(variables["params"], path)]
+        jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1,) + image_shape)), variables)
+    owners = {key[:-1] for key in traverse_util.flatten_dict(variables["params"])}
+    return [path for path in order if path in owners]  # modules holding parameters
 
 
-def randomization_levels(model, variables) -> List[Tuple[str, Tuple[Tuple[str, ...], ...]]]:
+def randomization_levels(model, variables,
+                         image_shape=None) -> List[Tuple[str, Tuple[Tuple[str, ...], ...]]]:
     """The cascade of Adebayo et al.: layers with weights from the output down to the
     first, each with the normalisation layers the forward pass calls right after it.
 
@@ -288,7 +292,7 @@ def randomization_levels(model, variables) -> List[Tuple[str, Tuple[Tuple[str, .
         last for `CIFAR10CNN`.
     """
     groups = []
-    for path in layer_order(model, variables):
+    for path in layer_order(model, variables, image_shape):
         if groups and "norm" in path[-1].lower():
             groups[-1].append(path)
         else:
@@ -296,19 +300,7 @@ def randomization_levels(model, variables) -> List[Tuple[str, Tuple[Tuple[str, .
     return [("/".join(g[0]), tuple(g)) for g in reversed(groups)]
 
 
-def _get(tree, path):
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
-def _replace(tree, path, value):
-    if not path:
-        return value
-    return {**tree, path[0]: _replace(tree[path[0]], path[1:], value)}
-
-
-def cascading_randomization(model, variables, random_params):
+def cascading_randomization(model, variables, random_params, image_shape=None):
     """Parameters for every level of the cascade, stacked on a leading axis.
 
     Level l has the first l + 1 groups of `randomization_levels(model, variables)` replaced by
@@ -322,12 +314,14 @@ def cascading_randomization(model, variables, random_params):
     if jax.tree.structure(random_params) != jax.tree.structure(variables["params"]):
         raise ValueError("random_params must have the same structure as variables['params'] "
                          "(initialise the same model with another key), got a different tree")
-    levels = randomization_levels(model, variables)
-    current, stacked = variables["params"], []
+    levels = randomization_levels(model, variables, image_shape)
+    current = traverse_util.flatten_dict(variables["params"])
+    random = traverse_util.flatten_dict(random_params)
+    stacked = []
     for _, paths in levels:
-        for path in paths:
-            current = _replace(current, path, _get(random_params, path))
-        stacked.append(current)
+        for path in paths:  # every parameter of the module at `path`
+            current.update({k: v for k, v in random.items() if k[:len(path)] == path})
+        stacked.append(traverse_util.unflatten_dict(current))
     return [label for label, _ in levels], jax.tree.map(lambda *a: jnp.stack(a), *stacked)
 
 
@@ -341,7 +335,7 @@ def randomization_maps(explain_fn, stacked_params, variables, images, targets):
 
 def random_other_classes(key, targets, num_classes):
     """A uniformly random class different from each target."""
-    _check_int("num_classes", num_classes, 2)
+    check_int("num_classes", num_classes, 2)
     shift = jax.random.randint(key, targets.shape, 1, num_classes)
     return (targets + shift) % num_classes
 

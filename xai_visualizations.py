@@ -1,40 +1,65 @@
-"""Explainers for the CIFAR-10 CNN, batch-first and jitted: Grad-CAM, Grad-CAM++, saliency,
+"""Explainers for any Flax model, batch-first and jitted: Grad-CAM, Grad-CAM++, saliency,
 SmoothGrad, Gradient x Input, Integrated Gradients, occlusion, RISE, Guided Backprop and
 Guided Grad-CAM.
 
-Shapes: images are float NHWC in [0, 1], (N, 32, 32, 3); maps are (N, 32, 32).
-Targets are int32 (N,), one class per example; `PREDICTED` (-1) means that example's own
-argmax. Every explainer runs the model in eval mode (BatchNorm running statistics), so an
-image's map never depends on its batch-mates.
+Shapes: images are float NHWC in [0, 1], (N, H, W, C) at the size the model takes; maps
+are (N, H, W). Targets are int32 (N,), one class per example; `PREDICTED` (-1) means
+that example's own argmax. A model is a `flax.linen.Module`, run in eval mode (pass what
+its `__call__` needs, e.g. `{"train": False}`, as `apply_kwargs`), or, for the methods
+that only need f(x) -> logits, a plain function (see `xai_models`). Layers are Flax
+module paths (`layers(model, variables, image_shape)` lists them).
 
-The mathematics lives in pure, jittable functions of `(model, variables, images, targets)`
-that return raw attributions. Channel reduction, normalisation and colouring are separate
-small functions. `METHODS` names every method and `explain` runs any of them by name. The
-seed's classes `GradCAM` and `SaliencyMap`, and `Explainer` with its subclasses, only
-check their inputs, bind the model and call one function jitted once in `__init__`.
+Every method is a pure, jittable function with one calling convention,
 
-A model is explainable when it has `features(x)` (a dict of named activations),
-`head_from(act, layer=...)` (that activation to logits), `layer_names` and `num_classes`,
-as `CIFAR10CNN` does.
+    fn(model, variables, images, targets, key, *, batch_size, apply_kwargs, **options)
+        -> Attribution(maps, logits, targets, extras)
+
+that returns raw attributions: (N, H, W) maps, or (N, H, W, C) for the gradient methods.
+`METHODS` holds one `Method` per name: its function, label, sign, options with their
+defaults and checks, and its reduction to an (N, H, W) map; `explain` runs any of them by
+name. Channel reduction, normalisation and colouring are separate small functions. The
+classes (`Explainer`, and the seed's `GradCAM` and `SaliencyMap`) check their inputs,
+bind the model and call one function jitted once in `__init__`.
 """
 
 import functools
 import numbers
-from typing import Any, Callable, Dict, NamedTuple
+from typing import Any, Callable, Dict, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xai_models import (as_grid, check_call, default_layer, forward, guided, guided_relu,
+                        is_module, layers, resolve_layer, split)
+
+__all__ = ["Attribution", "Explainer", "GradCAM", "IntegratedGradients", "METHODS",
+           "Method", "Option", "PREDICTED", "SaliencyMap", "explain", "guided_relu",
+           "layers", "normalize_maps", "overlay"]
+
 PREDICTED = -1
-IMAGE_SHAPE = (32, 32, 3)
 EPS = 1e-8
 
 # XLA:CPU explains a single image 1.4-1.6x faster with YNNPACK convolutions, while batches
 # of 4 or more run faster without them (measured with jax 0.10.2 by
 # benchmarks/bench_xai.py --plain-jit). So single images get these options on CPU.
-_SINGLE_IMAGE_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
-                             "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
+SINGLE_IMAGE_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                            "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
+
+
+class Attribution(NamedTuple):
+    """What every method returns.
+
+    maps: raw attributions, (N, H, W) or (N, H, W, C); `explain` reduces them to (N, H, W).
+    logits: (N, K) of the explained images.
+    targets: (N,) the classes explained, `PREDICTED` resolved.
+    extras: method-specific values, e.g. Integrated Gradients' 'completeness_gap' (N,).
+    """
+
+    maps: jax.Array
+    logits: jax.Array
+    targets: jax.Array
+    extras: Dict[str, jax.Array] = {}
 
 
 # ----------------------------------------------------------------------------------------
@@ -57,31 +82,82 @@ def _target_vjp(fn, x, targets):
     return grads, logits, targets
 
 
-def input_gradients(model, variables, images, targets):
+def _target_logit(logits, targets):
+    return jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+
+
+def input_gradients(model, variables, images, targets, *, apply_kwargs=None):
     """∂y_c/∂x for each example's target logit y_c (before softmax).
 
     Returns:
         (grads (N, H, W, C), logits (N, K), resolved targets (N,)).
     """
-    return _target_vjp(lambda x: model.apply(variables, x), images, targets)
+    return _target_vjp(forward(model, variables, apply_kwargs), images, targets)
 
 
-def grad_cam(model, variables, images, targets, *, layer="conv3"):
+def layer_gradients(model, variables, images, targets, *, layer=None, apply_kwargs=None):
+    """A layer's output A and ∂y_c/∂A, both as (N, h, w, C) grids (`xai_models.as_grid`).
+
+    `layer` is a module path or an alias the model declares; None is the model's
+    `explanation_layer`. The split at the layer is `xai_models.split`: no hooks.
+
+    Returns:
+        (acts, grads, logits (N, K), resolved targets (N,)).
+    """
+    path = resolve_layer(model, variables, layer, images.shape, apply_kwargs)
+    features, head = split(model, variables, path, apply_kwargs)
+    acts = features(images)
+    grads, logits, targets = _target_vjp(lambda a: head(images, a), acts, targets)
+    return as_grid(acts), as_grid(grads), logits, targets
+
+
+def _cam(acts, weights, images):
+    """ReLU(Σ_k w_k A_k), upsampled bilinearly to the image size."""
+    cams = jax.nn.relu(jnp.einsum("nhwk,nk->nhw", acts, weights))
+    return jax.image.resize(cams, images.shape[:3], method="bilinear")
+
+
+def grad_cam(model, variables, images, targets, key=None, *, layer=None, batch_size=None,
+             apply_kwargs=None):
     """Grad-CAM (Selvaraju et al. 2017), raw.
 
-    α_k is the spatial mean of ∂y_c/∂A_k for the activation `layer`, and the map is
+    α_k is the spatial mean of ∂y_c/∂A_k for the output A of `layer`, and the map is
     ReLU(Σ_k α_k A_k), upsampled bilinearly to the image size.
 
     Returns:
-        (maps (N, H, W) >= 0, logits (N, K), resolved targets (N,)).
+        Attribution with maps (N, H, W) >= 0.
     """
-    acts = model.apply(variables, images, method=model.features)[layer]
-    head = lambda a: model.apply(variables, a, layer=layer, method=model.head_from)
-    grads, logits, targets = _target_vjp(head, acts, targets)
-    weights = jnp.mean(grads, axis=(1, 2))
-    cams = jax.nn.relu(jnp.einsum("nhwk,nk->nhw", acts, weights))
-    cams = jax.image.resize(cams, images.shape[:3], method="bilinear")
-    return cams, logits, targets
+    acts, grads, logits, targets = layer_gradients(model, variables, images, targets,
+                                                   layer=layer, apply_kwargs=apply_kwargs)
+    return Attribution(_cam(acts, jnp.mean(grads, axis=(1, 2)), images), logits, targets)
+
+
+def grad_cam_plus_plus(model, variables, images, targets, key=None, *, layer=None,
+                       batch_size=None, apply_kwargs=None):
+    """Grad-CAM++ (Chattopadhay et al. 2018), raw.
+
+    With g = ∂y_c/∂A_k at each position, the pixel weights are
+    α = g² / (2g² + Σ_ab A_k,ab · g³) (0 where g = 0), the paper's closed form for an
+    exponential output, and the map is ReLU(Σ_k w_k A_k) with w_k = Σ_ij α_ij ReLU(g_ij),
+    upsampled bilinearly to the image size.
+
+    Returns:
+        Attribution with maps (N, H, W) >= 0.
+    """
+    acts, grads, logits, targets = layer_gradients(model, variables, images, targets,
+                                                   layer=layer, apply_kwargs=apply_kwargs)
+    g2 = grads**2
+    denominator = 2 * g2 + jnp.sum(acts, axis=(1, 2), keepdims=True) * g2 * grads
+    alphas = jnp.where(denominator != 0, g2 / jnp.where(denominator != 0, denominator, 1), 0)
+    weights = jnp.sum(alphas * jax.nn.relu(grads), axis=(1, 2))
+    return Attribution(_cam(acts, weights, images), logits, targets)
+
+
+def saliency(model, variables, images, targets, key=None, *, batch_size=None,
+             apply_kwargs=None):
+    """Vanilla gradients (Simonyan et al. 2014): ∂y_c/∂x, (N, H, W, C)."""
+    return Attribution(*input_gradients(model, variables, images, targets,
+                                        apply_kwargs=apply_kwargs))
 
 
 def map_pairs(fn, n, count, batch_size, *, total):
@@ -164,22 +240,29 @@ def smooth_grad(grad_fn, images, targets, key, *, n_samples=50, noise_level=0.15
                     total=True) / n_samples
 
 
-def gradient_x_input(model, variables, images, targets):
-    """Gradient ⊙ Input (Shrikumar et al. 2016): x ⊙ ∂y_c/∂x.
+def smoothgrad(model, variables, images, targets, key, *, n_samples=50, noise_level=0.15,
+               batch_size=256, apply_kwargs=None):
+    """SmoothGrad of the input gradients: `smooth_grad` around `input_gradients`, with
+    each image's target fixed from the clean image; (N, H, W, C)."""
+    logits = forward(model, variables, apply_kwargs)(images)
+    targets = resolve_targets(logits, targets)
+    grad_fn = lambda x, t: input_gradients(model, variables, x, t,
+                                           apply_kwargs=apply_kwargs)[0]
+    grads = smooth_grad(grad_fn, images, targets, key, n_samples=n_samples,
+                        noise_level=noise_level, batch_size=batch_size)
+    return Attribution(grads, logits, targets)
 
-    Returns:
-        (attributions (N, H, W, C), logits (N, K), resolved targets (N,)).
-    """
-    grads, logits, targets = input_gradients(model, variables, images, targets)
-    return images * grads, logits, targets
+
+def gradient_x_input(model, variables, images, targets, key=None, *, batch_size=None,
+                     apply_kwargs=None):
+    """Gradient ⊙ Input (Shrikumar et al. 2016): x ⊙ ∂y_c/∂x, (N, H, W, C)."""
+    grads, logits, targets = input_gradients(model, variables, images, targets,
+                                             apply_kwargs=apply_kwargs)
+    return Attribution(images * grads, logits, targets)
 
 
-def _target_logit(logits, targets):
-    return jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
-
-
-def integrated_gradients(model, variables, images, targets, *, baseline=None, steps=64,
-                         batch_size=256):
+def integrated_gradients(model, variables, images, targets, key=None, *, baseline=None,
+                         steps=64, batch_size=256, apply_kwargs=None):
     """Integrated Gradients (Sundararajan et al. 2017) of each target logit.
 
     (x − x′) ⊙ (1/m) Σ_k ∇y_c(x′ + α_k (x − x′)) with the midpoint rule α_k = (k + ½)/m,
@@ -190,50 +273,26 @@ def integrated_gradients(model, variables, images, targets, *, baseline=None, st
         steps: m, the number of path points.
 
     Returns:
-        (attributions (N, H, W, C), completeness gaps (N,), logits (N, K), resolved
-        targets (N,)). The gap is |Σ attributions − (y_c(x) − y_c(x′))| / |y_c(x) −
-        y_c(x′)|: the relative error of the Riemann sum, 0 for an exact integral.
+        Attribution with maps (N, H, W, C) and extras['completeness_gap'] (N,):
+        |Σ attributions − (y_c(x) − y_c(x′))| / |y_c(x) − y_c(x′)|, the relative error of
+        the Riemann sum, 0 for an exact integral.
     """
+    f = forward(model, variables, apply_kwargs)
     baseline = jnp.broadcast_to(0.0 if baseline is None else baseline, images.shape)
-    logits = model.apply(variables, images)
+    logits = f(images)
     targets = resolve_targets(logits, targets)
     delta = images - baseline
 
     def path_grads(k, i):
         alpha = ((k + 0.5) / steps)[:, None, None, None]
-        return input_gradients(model, variables, baseline[i] + alpha * delta[i],
-                               targets[i])[0]
+        return _target_vjp(f, baseline[i] + alpha * delta[i], targets[i])[0]
 
     grads = map_pairs(path_grads, images.shape[0], steps, batch_size, total=True) / steps
     attributions = delta * grads
-    change = _target_logit(logits, targets) - _target_logit(
-        model.apply(variables, baseline), targets)
+    change = _target_logit(logits, targets) - _target_logit(f(baseline), targets)
     gaps = jnp.abs(jnp.sum(attributions, axis=(1, 2, 3)) - change) / jnp.maximum(
         jnp.abs(change), EPS)
-    return attributions, gaps, logits, targets
-
-
-def grad_cam_plus_plus(model, variables, images, targets, *, layer="conv3"):
-    """Grad-CAM++ (Chattopadhay et al. 2018), raw.
-
-    With g = ∂y_c/∂A_k at each position, the pixel weights are
-    α = g² / (2g² + Σ_ab A_k,ab · g³) (0 where g = 0), the paper's closed form for an
-    exponential output, and the map is ReLU(Σ_k w_k A_k) with w_k = Σ_ij α_ij ReLU(g_ij),
-    upsampled bilinearly to the image size.
-
-    Returns:
-        (maps (N, H, W) >= 0, logits (N, K), resolved targets (N,)).
-    """
-    acts = model.apply(variables, images, method=model.features)[layer]
-    head = lambda a: model.apply(variables, a, layer=layer, method=model.head_from)
-    grads, logits, targets = _target_vjp(head, acts, targets)
-    g2 = grads**2
-    denominator = 2 * g2 + jnp.sum(acts, axis=(1, 2), keepdims=True) * g2 * grads
-    alphas = jnp.where(denominator != 0, g2 / jnp.where(denominator != 0, denominator, 1), 0)
-    weights = jnp.sum(alphas * jax.nn.relu(grads), axis=(1, 2))
-    cams = jax.nn.relu(jnp.einsum("nhwk,nk->nhw", acts, weights))
-    cams = jax.image.resize(cams, images.shape[:3], method="bilinear")
-    return cams, logits, targets
+    return Attribution(attributions, logits, targets, {"completeness_gap": gaps})
 
 
 def occlusion_masks(height, width, patch, stride):
@@ -249,8 +308,8 @@ def occlusion_masks(height, width, patch, stride):
         for r in starts(height) for c in starts(width)])
 
 
-def occlusion(model, variables, images, targets, *, patch=4, stride=2, baseline=0.0,
-              batch_size=256):
+def occlusion(model, variables, images, targets, key=None, *, patch=4, stride=2,
+              baseline=0.0, batch_size=256, apply_kwargs=None):
     """Occlusion (Zeiler & Fergus 2014): how much the target logit drops when a square is
     hidden.
 
@@ -259,22 +318,23 @@ def occlusion(model, variables, images, targets, *, patch=4, stride=2, baseline=
     squares that cover it. The N · P occluded images run in batches of `batch_size`.
 
     Returns:
-        (maps (N, H, W), signed; logits (N, K), resolved targets (N,)).
+        Attribution with signed maps (N, H, W).
     """
+    f = forward(model, variables, apply_kwargs)
     masks = occlusion_masks(images.shape[1], images.shape[2], patch, stride)
-    logits = model.apply(variables, images)
+    logits = f(images)
     targets = resolve_targets(logits, targets)
     clean = _target_logit(logits, targets)
 
     def drops(p, i):
         hidden = jnp.where(masks[p][..., None], baseline, images[i])
-        return clean[i] - _target_logit(model.apply(variables, hidden), targets[i])
+        return clean[i] - _target_logit(f(hidden), targets[i])
 
     drop = map_pairs(drops, images.shape[0], masks.shape[0], batch_size, total=False)
     coverage = jnp.sum(masks, axis=0)
     maps = jnp.einsum("pn,phw->nhw", drop, masks.astype(drop.dtype)) / jnp.maximum(
         coverage, 1)[None]
-    return maps, logits, targets
+    return Attribution(maps, logits, targets)
 
 
 def rise_masks(key, n_masks, *, cell_size=4, keep_prob=0.5, size=(32, 32)):
@@ -295,72 +355,55 @@ def rise_masks(key, n_masks, *, cell_size=4, keep_prob=0.5, size=(32, 32)):
 
 
 def rise(model, variables, images, targets, key, *, n_masks=4000, cell_size=4,
-         keep_prob=0.5, batch_size=256):
+         keep_prob=0.5, batch_size=256, apply_kwargs=None):
     """RISE (Petsiuk et al. 2018): Σ_i P_c(x ⊙ M_i) M_i / (N_masks · keep_prob).
 
     The same `rise_masks(key, ...)` serve every image, so a map depends only on the key.
     The N · n_masks masked images run in batches of `batch_size`.
 
     Returns:
-        (maps (N, H, W) >= 0, logits (N, K), resolved targets (N,)).
+        Attribution with maps (N, H, W) >= 0.
     """
+    f = forward(model, variables, apply_kwargs)
     masks = rise_masks(key, n_masks, cell_size=cell_size, keep_prob=keep_prob,
                        size=images.shape[1:3])
-    logits = model.apply(variables, images)
+    logits = f(images)
     targets = resolve_targets(logits, targets)
 
     def scores(m, i):
-        probs = jax.nn.softmax(model.apply(variables, images[i] * masks[m][..., None]))
+        probs = jax.nn.softmax(f(images[i] * masks[m][..., None]))
         return _target_logit(probs, targets[i])
 
     p = map_pairs(scores, images.shape[0], n_masks, batch_size, total=False)
-    return jnp.einsum("mn,mhw->nhw", p, masks) / (n_masks * keep_prob), logits, targets
+    maps = jnp.einsum("mn,mhw->nhw", p, masks) / (n_masks * keep_prob)
+    return Attribution(maps, logits, targets)
 
 
-@jax.custom_vjp
-def guided_relu(x):
-    """ReLU whose backward pass is Guided Backprop's rule (Springenberg et al. 2015): the
-    gradient passes only where the input was positive and the incoming gradient is."""
-    return jax.nn.relu(x)
-
-
-def _guided_relu_fwd(x):
-    return jax.nn.relu(x), x
-
-
-def _guided_relu_bwd(x, g):
-    return (jnp.where((x > 0) & (g > 0), g, 0.0).astype(g.dtype),)
-
-
-guided_relu.defvjp(_guided_relu_fwd, _guided_relu_bwd)
-
-
-def _guided(model):
-    if "activation" not in getattr(model, "__dataclass_fields__", {}):
-        raise TypeError(f"Guided Backprop needs a model with an `activation` attribute to "
-                        f"swap, as CIFAR10CNN has, got {type(model).__name__}")
-    return model.clone(activation=guided_relu)
-
-
-def guided_backprop(model, variables, images, targets):
+def guided_backprop(model, variables, images, targets, key=None, *, batch_size=None,
+                    apply_kwargs=None):
     """Guided Backprop (Springenberg et al. 2015): the input gradient with every ReLU's
-    backward pass replaced by `guided_relu`'s rule (`model.clone(activation=...)`, no hooks).
+    backward pass replaced by `guided_relu`'s rule, by rewriting the model's traced
+    program (`xai_models.guided`): any ReLU network, no hooks, no model field.
 
     Returns:
-        (gradients (N, H, W, C), logits (N, K), resolved targets (N,)).
+        Attribution with maps (N, H, W, C).
     """
-    return input_gradients(_guided(model), variables, images, targets)
+    f = guided(forward(model, variables, apply_kwargs))
+    return Attribution(*_target_vjp(f, images, targets))
 
 
-def guided_grad_cam(model, variables, images, targets, *, layer="conv3"):
+def guided_grad_cam(model, variables, images, targets, key=None, *, layer=None,
+                    batch_size=None, apply_kwargs=None):
     """Guided Grad-CAM (Selvaraju et al. 2017): Guided Backprop ⊙ the upsampled Grad-CAM.
 
     Returns:
-        (attributions (N, H, W, C), logits (N, K), resolved targets (N,)).
+        Attribution with maps (N, H, W, C).
     """
-    grads, logits, targets = guided_backprop(model, variables, images, targets)
-    cams = grad_cam(model, variables, images, targets, layer=layer)[0]
-    return grads * cams[..., None], logits, targets
+    grads, logits, targets, _ = guided_backprop(model, variables, images, targets,
+                                                apply_kwargs=apply_kwargs)
+    cams = grad_cam(model, variables, images, targets, layer=layer,
+                    apply_kwargs=apply_kwargs).maps
+    return Attribution(grads * cams[..., None], logits, targets)
 
 
 def reduce_channels(grads):
@@ -384,242 +427,80 @@ def normalize_maps(maps, eps=EPS):
     return (maps - lo) / (hi - lo + eps)
 
 
-def _finish(maps, logits, targets, normalize):
-    """(maps, predicted classes, softmax probability of each explained class)."""
-    scores = jnp.take_along_axis(jax.nn.softmax(logits), targets[:, None], axis=-1)[:, 0]
-    return normalize_maps(maps) if normalize else maps, jnp.argmax(logits, -1), scores
-
-
-def _gradcam_outputs(model, layer, variables, images, targets, normalize):
-    maps, logits, targets = grad_cam(model, variables, images, targets, layer=layer)
-    return _finish(maps, logits, targets, normalize)
-
-
-def _saliency_outputs(model, variables, images, targets, normalize):
-    grads, logits, targets = input_gradients(model, variables, images, targets)
-    return _finish(reduce_channels(grads), logits, targets, normalize)
-
-
-def _smooth_saliency_outputs(model, variables, images, targets, key, normalize,
-                             n_samples, noise_level, batch_size):
-    logits = model.apply(variables, images)
-    targets = resolve_targets(logits, targets)
-    grad_fn = lambda x, t: input_gradients(model, variables, x, t)[0]
-    grads = smooth_grad(grad_fn, images, targets, key, n_samples=n_samples,
-                        noise_level=noise_level, batch_size=batch_size)
-    return _finish(reduce_channels(grads), logits, targets, normalize)
-
-
 # ----------------------------------------------------------------------------------------
-# Every method by name, as raw (N, H, W) maps: what the evaluation and the classes use.
+# Rendering.
 
 
-class Method(NamedTuple):
-    """How to run one explainer by name.
-
-    fn: `(model, variables, images, targets, key, *, batch_size, **options) -> (maps
-        (N, H, W), logits, resolved targets)`.
-    signed: whether the maps carry a sign (positive = evidence for the class).
-    defaults: the options and their default values.
-    passes: `options -> (forward, backward)` model passes per image.
-    paper: where the method comes from.
-    """
-
-    fn: Callable
-    signed: bool
-    defaults: Dict[str, Any]
-    passes: Callable
-    paper: str
-
-
-def _gradcam_method(model, variables, images, targets, key, *, batch_size, layer):
-    return grad_cam(model, variables, images, targets, layer=layer)
-
-
-def _gradcam_pp_method(model, variables, images, targets, key, *, batch_size, layer):
-    return grad_cam_plus_plus(model, variables, images, targets, layer=layer)
-
-
-def _saliency_method(model, variables, images, targets, key, *, batch_size):
-    grads, logits, targets = input_gradients(model, variables, images, targets)
-    return reduce_channels(grads), logits, targets
-
-
-def _smoothgrad_method(model, variables, images, targets, key, *, batch_size, n_samples,
-                       noise_level):
-    logits = model.apply(variables, images)
-    targets = resolve_targets(logits, targets)
-    grad_fn = lambda x, t: input_gradients(model, variables, x, t)[0]
-    grads = smooth_grad(grad_fn, images, targets, key, n_samples=n_samples,
-                        noise_level=noise_level, batch_size=batch_size)
-    return reduce_channels(grads), logits, targets
-
-
-def _grad_x_input_method(model, variables, images, targets, key, *, batch_size):
-    attributions, logits, targets = gradient_x_input(model, variables, images, targets)
-    return sum_channels(attributions), logits, targets
-
-
-def _ig_method(model, variables, images, targets, key, *, batch_size, steps, baseline):
-    attributions, _, logits, targets = integrated_gradients(
-        model, variables, images, targets, baseline=baseline, steps=steps,
-        batch_size=batch_size)
-    return sum_channels(attributions), logits, targets
-
-
-def _occlusion_method(model, variables, images, targets, key, *, batch_size, patch, stride,
-                      baseline):
-    return occlusion(model, variables, images, targets, patch=patch, stride=stride,
-                     baseline=baseline, batch_size=batch_size)
-
-
-def _rise_method(model, variables, images, targets, key, *, batch_size, n_masks, cell_size,
-                 keep_prob):
-    return rise(model, variables, images, targets, key, n_masks=n_masks, cell_size=cell_size,
-                keep_prob=keep_prob, batch_size=batch_size)
-
-
-def _guided_method(model, variables, images, targets, key, *, batch_size):
-    grads, logits, targets = guided_backprop(model, variables, images, targets)
-    return reduce_channels(grads), logits, targets
-
-
-def _guided_gradcam_method(model, variables, images, targets, key, *, batch_size, layer):
-    attributions, logits, targets = guided_grad_cam(model, variables, images, targets,
-                                                    layer=layer)
-    return reduce_channels(attributions), logits, targets
-
-
-def _occlusion_positions(options):
-    return len(occlusion_masks(IMAGE_SHAPE[0], IMAGE_SHAPE[1], options["patch"],
-                               options["stride"]))
-
-
-METHODS = {
-    "gradcam": Method(_gradcam_method, False, {"layer": "conv3"}, lambda o: (1, 1),
-                      "Selvaraju et al. 2017"),
-    "gradcam++": Method(_gradcam_pp_method, False, {"layer": "conv3"}, lambda o: (1, 1),
-                        "Chattopadhay et al. 2018"),
-    "saliency": Method(_saliency_method, False, {}, lambda o: (1, 1),
-                       "Simonyan et al. 2014"),
-    "smoothgrad": Method(_smoothgrad_method, False, {"n_samples": 50, "noise_level": 0.15},
-                         lambda o: (o["n_samples"] + 1, o["n_samples"]),
-                         "Smilkov et al. 2017"),
-    "grad_x_input": Method(_grad_x_input_method, True, {}, lambda o: (1, 1),
-                           "Shrikumar et al. 2016"),
-    "integrated_gradients": Method(_ig_method, True, {"steps": 64, "baseline": None},
-                                   lambda o: (o["steps"] + 2, o["steps"]),
-                                   "Sundararajan et al. 2017"),
-    "occlusion": Method(_occlusion_method, True,
-                        {"patch": 4, "stride": 2, "baseline": 0.0},
-                        lambda o: (_occlusion_positions(o) + 1, 0), "Zeiler & Fergus 2014"),
-    "rise": Method(_rise_method, False, {"n_masks": 4000, "cell_size": 4, "keep_prob": 0.5},
-                   lambda o: (o["n_masks"] + 1, 0), "Petsiuk et al. 2018"),
-    "guided_backprop": Method(_guided_method, False, {}, lambda o: (1, 1),
-                              "Springenberg et al. 2015"),
-    "guided_gradcam": Method(_guided_gradcam_method, False, {"layer": "conv3"},
-                             lambda o: (2, 2), "Selvaraju et al. 2017"),
-}
-
-
-def explain(method, model, variables, images, targets, key=None, *, batch_size=256,
-            **options):
-    """Raw maps of any method in `METHODS` by name; jittable (close over the options).
+def overlay(image, heatmap, alpha=0.4, colormap="jet"):
+    """Blends a [0, 1] heatmap, coloured with a matplotlib colormap, over an image.
 
     Args:
-        method: a key of `METHODS`.
-        images: float (N, H, W, C) in [0, 1]; targets: int (N,), `PREDICTED` allowed.
-        key: a `jax.random.key` for the sampling methods (SmoothGrad, RISE).
-        batch_size: bounds how many model inputs a sampling method runs at once.
-        options: the method's own, over `METHODS[method].defaults`.
+        image: (H, W, 3), or (N, H, W, 3), float in [0, 1] or uint8.
+        heatmap: (H, W), or (N, H, W), with values in [0, 1] (a normalised map).
+        alpha: weight of the coloured heatmap, in [0, 1].
+        colormap: a matplotlib colormap name.
 
     Returns:
-        (maps (N, H, W), logits (N, K), resolved targets (N,)).
+        float32 (..., H, W, 3) in [0, 1]: (1 − alpha) · image + alpha · colour(heatmap).
     """
-    spec = METHODS[method]
-    return spec.fn(model, variables, images, targets, key, batch_size=batch_size,
-                   **{**spec.defaults, **options})
+    import matplotlib  # noqa: PLC0415 (only rendering needs it)
 
-
-def check_options(method, model, options):
-    """The method's options over its defaults, each checked; errors name the option."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
-    defaults = METHODS[method].defaults
-    unknown = set(options) - set(defaults)
-    if unknown:
-        raise TypeError(f"{method} takes the options {tuple(defaults) or 'none'}, got "
-                        f"{sorted(unknown)}")
-    checked = {**defaults, **options}
-    for name, value in checked.items():
-        if name == "layer":
-            names = tuple(getattr(model, "layer_names", ()))
-            if value not in names:
-                raise ValueError(f"layer must be one of {names}, got {value!r}")
-        elif name in ("n_samples", "steps", "n_masks", "patch", "stride", "cell_size"):
-            checked[name] = _check_int(name, value, 1)
-        elif name in ("noise_level",):
-            checked[name] = _check_fraction(name, value)
-        elif name == "keep_prob":
-            checked[name] = _check_fraction(name, value, upper=1)
-            if checked[name] == 0:
-                raise ValueError(f"keep_prob must be a number in (0, 1], got {value!r}")
-        elif name == "baseline" and method == "occlusion":
-            checked[name] = _check_fraction(name, value, upper=1)
-        elif name == "baseline" and value is not None:
-            checked[name], _ = check_images(value, "baseline")
-    for name in ("patch", "cell_size"):
-        if name in checked and checked[name] > IMAGE_SHAPE[0]:
-            raise ValueError(f"{name} must be at most {IMAGE_SHAPE[0]} pixels, got "
-                             f"{checked[name]}")
-    if method in ("guided_backprop", "guided_gradcam"):
-        _guided(model)
-    return checked
-
-
-@functools.lru_cache(maxsize=None)
-def _compiler_options():
-    """The single-image CPU options when this backend and jaxlib accept them, else None."""
-    if jax.default_backend() != "cpu":
-        return None
+    alpha = check_number("alpha", alpha, upper=1)
     try:
-        jax.jit(lambda x: x + 1, compiler_options=_SINGLE_IMAGE_CPU_OPTIONS)(jnp.zeros(()))
-    except Exception:  # a jaxlib without the option: plain jit everywhere
-        return None
-    return _SINGLE_IMAGE_CPU_OPTIONS
-
-
-def _jit(fn, **kwargs):
-    """jax.jit of `fn(variables, images, ...)`, compiled with `_compiler_options()` for
-    single images and plainly for batches; each compiles once per shape."""
-    batched = jax.jit(fn, **kwargs)
-    options = _compiler_options()
-    if options is None:
-        return batched
-    single = jax.jit(fn, compiler_options=options, **kwargs)
-    return lambda variables, images, *args, **kw: (
-        single if images.shape[0] == 1 else batched)(variables, images, *args, **kw)
+        cmap = matplotlib.colormaps[colormap]
+    except (KeyError, ValueError, TypeError):
+        raise ValueError(f"colormap must be a matplotlib colormap name such as 'jet' or "
+                         f"'viridis', got {colormap!r}") from None
+    image = np.asarray(image)
+    image = image / 255.0 if image.dtype == np.uint8 else image
+    heatmap = np.asarray(heatmap, np.float32)
+    if image.shape[-1:] != (3,) or image.shape[:-1] != heatmap.shape:
+        raise ValueError(f"image must be (..., H, W, 3) and heatmap the matching (..., H, W), "
+                         f"got image {image.shape} and heatmap {heatmap.shape}")
+    if not np.isfinite(heatmap).all() or heatmap.min() < 0 or heatmap.max() > 1:
+        raise ValueError(f"heatmap values must be in [0, 1] (use normalize=True or "
+                         f"normalize_maps), got range [{np.nanmin(heatmap):.4g}, "
+                         f"{np.nanmax(heatmap):.4g}]")
+    colour = cmap(heatmap)[..., :3]
+    return np.clip((1 - alpha) * image + alpha * colour, 0, 1).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------
-# Input checks for the public classes: each message names the argument, what was
-# expected and what was given.
+# Argument checks: each message names the argument, what was expected and what was given.
+
+
+def check_int(name, value, minimum):
+    """`value` as an int >= `minimum`, or a ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_number(name, value, upper=None):
+    """`value` as a finite float >= 0 (and <= `upper` when given)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not ok or not np.isfinite(value) or value < 0 or (upper is not None and value > upper):
+        bound = f"in [0, {upper}]" if upper is not None else "finite and >= 0"
+        raise ValueError(f"{name} must be a number {bound}, got {value!r}")
+    return float(value)
 
 
 def check_images(image, name="image"):
-    """Returns `image` as a float32 batch (N, 32, 32, 3) and whether it was a single image.
+    """Returns `image` as a float32 batch (N, H, W, C) and whether it was one image.
 
-    uint8 input is taken as 0..255 and divided by 255; float input must lie in [0, 1].
+    One image is (H, W, C), a batch (N, H, W, C). uint8 input is taken as 0..255 and
+    divided by 255; float input must lie in [0, 1]. Whether the model takes this size is
+    `xai_models.check_call`'s question.
     """
     if not isinstance(image, (np.ndarray, jax.Array)):
         if not isinstance(image, (list, tuple)):
-            raise TypeError(f"{name} must be an array of shape {IMAGE_SHAPE} or "
-                            f"(N, {', '.join(map(str, IMAGE_SHAPE))}), got {type(image).__name__}")
+            raise TypeError(f"{name} must be an array, one image (H, W, C) or a batch "
+                            f"(N, H, W, C), got {type(image).__name__}")
         image = np.asarray(image)
     shape = tuple(image.shape)
-    if shape[-3:] != IMAGE_SHAPE or len(shape) not in (3, 4):
-        raise ValueError(f"{name} must have shape {IMAGE_SHAPE} or "
-                         f"(N, {', '.join(map(str, IMAGE_SHAPE))}), got {shape}")
+    if len(shape) not in (3, 4) or 0 in shape[-3:]:
+        raise ValueError(f"{name} must be one image (H, W, C) or a batch (N, H, W, C), got "
+                         f"shape {shape}")
     if len(shape) == 4 and shape[0] == 0:
         raise ValueError(f"{name} must hold at least one image, got shape {shape}")
     xp = jnp if isinstance(image, jax.Array) else np
@@ -663,27 +544,231 @@ def check_targets(target_class, n, num_classes):
     return jnp.asarray(targets, jnp.int32)
 
 
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
+# ----------------------------------------------------------------------------------------
+# Every method by name.
 
 
-def _check_fraction(name, value, upper=None):
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if not ok or not np.isfinite(value) or value < 0 or (upper is not None and value > upper):
-        bound = f"in [0, {upper}]" if upper is not None else "finite and >= 0"
-        raise ValueError(f"{name} must be a number {bound}, got {value!r}")
-    return float(value)
+class Option(NamedTuple):
+    """One option of a method: its default and `check(name, value) -> value`."""
+
+    default: Any
+    check: Callable = lambda name, value: value
+
+
+class Method(NamedTuple):
+    """One explainer in the registry.
+
+    fn: the pure function, `fn(model, variables, images, targets, key, *, batch_size,
+        apply_kwargs, **options) -> Attribution` of raw attributions.
+    label: its display name.
+    signed: whether its maps carry a sign (positive = evidence for the class).
+    options: {name: Option}; a `layer` option makes it a layer method.
+    reduce: raw attributions -> (N, H, W) maps.
+    passes: `(options, image_shape (H, W, C)) -> (forward, backward)` model passes per image.
+    paper: where the method comes from.
+    sampling: whether it draws random numbers (then it needs a key).
+    """
+
+    fn: Callable
+    label: str
+    signed: bool
+    options: Dict[str, Option]
+    reduce: Callable
+    passes: Callable
+    paper: str
+    sampling: bool = False
+
+    @property
+    def defaults(self) -> Dict[str, Any]:
+        return {name: option.default for name, option in self.options.items()}
+
+
+def _identity(maps):
+    return maps
+
+
+def _positive(name, value):
+    return check_int(name, value, 1)
+
+
+def _probability(name, value):
+    value = check_number(name, value, upper=1)
+    if value == 0:
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    return value
+
+
+def _baseline_image(name, value):
+    return None if value is None else check_images(value, name)[0]
+
+
+_LAYER = Option(None)  # None: the model's explanation_layer; checked against the model
+_ONE_PASS = lambda options, shape: (1, 1)  # noqa: E731
+
+METHODS = {
+    "gradcam": Method(grad_cam, "Grad-CAM", False, {"layer": _LAYER}, _identity, _ONE_PASS,
+                      "Selvaraju et al. 2017"),
+    "gradcam++": Method(grad_cam_plus_plus, "Grad-CAM++", False, {"layer": _LAYER},
+                        _identity, _ONE_PASS, "Chattopadhay et al. 2018"),
+    "saliency": Method(saliency, "Saliency", False, {}, reduce_channels, _ONE_PASS,
+                       "Simonyan et al. 2014"),
+    "smoothgrad": Method(smoothgrad, "SmoothGrad", False,
+                         {"n_samples": Option(50, _positive),
+                          "noise_level": Option(0.15, check_number)},
+                         reduce_channels,
+                         lambda o, shape: (o["n_samples"] + 1, o["n_samples"]),
+                         "Smilkov et al. 2017", sampling=True),
+    "grad_x_input": Method(gradient_x_input, "Gradient × Input", True, {}, sum_channels,
+                           _ONE_PASS, "Shrikumar et al. 2016"),
+    "integrated_gradients": Method(integrated_gradients, "Integrated Gradients", True,
+                                   {"steps": Option(64, _positive),
+                                    "baseline": Option(None, _baseline_image)},
+                                   sum_channels,
+                                   lambda o, shape: (o["steps"] + 2, o["steps"]),
+                                   "Sundararajan et al. 2017"),
+    "occlusion": Method(occlusion, "Occlusion", True,
+                        {"patch": Option(4, _positive), "stride": Option(2, _positive),
+                         "baseline": Option(0.0, lambda n, v: check_number(n, v, upper=1))},
+                        _identity,
+                        lambda o, shape: (len(occlusion_masks(shape[0], shape[1], o["patch"],
+                                                              o["stride"])) + 1, 0),
+                        "Zeiler & Fergus 2014"),
+    "rise": Method(rise, "RISE", False,
+                   {"n_masks": Option(4000, _positive), "cell_size": Option(4, _positive),
+                    "keep_prob": Option(0.5, _probability)},
+                   _identity, lambda o, shape: (o["n_masks"] + 1, 0), "Petsiuk et al. 2018",
+                   sampling=True),
+    "guided_backprop": Method(guided_backprop, "Guided Backprop", False, {}, reduce_channels,
+                              _ONE_PASS, "Springenberg et al. 2015"),
+    "guided_gradcam": Method(guided_grad_cam, "Guided Grad-CAM", False, {"layer": _LAYER},
+                             reduce_channels, lambda o, shape: (2, 2), "Selvaraju et al. 2017"),
+}
+
+
+def explain(method, model, variables, images, targets=None, key=None, *, batch_size=256,
+            apply_kwargs=None, **options) -> Attribution:
+    """Any method of `METHODS` by name, maps reduced to (N, H, W); jittable (close over
+    the options). Options are taken as given: `check_options` checks them.
+
+    Args:
+        method: a key of `METHODS`.
+        model: a flax.linen Module, or a plain function f(x) -> logits.
+        images: float (N, H, W, C) in [0, 1]; targets: int (N,), `PREDICTED` allowed;
+            None explains each image's prediction.
+        key: a `jax.random.key`, needed by the sampling methods (SmoothGrad, RISE).
+        batch_size: bounds how many model inputs a sampling method runs at once.
+        apply_kwargs: passed to `model.apply` unchanged, e.g. {"train": False}.
+        options: the method's own, over its defaults.
+
+    Returns:
+        Attribution with maps (N, H, W), logits (N, K), resolved targets (N,) and extras.
+    """
+    spec = METHODS[method]
+    if spec.sampling and key is None:
+        raise ValueError(f"key must be a jax.random.key for {method}, which samples, got None")
+    targets = (jnp.full((images.shape[0],), PREDICTED, jnp.int32) if targets is None
+               else jnp.asarray(targets, jnp.int32))
+    out = spec.fn(model, variables, images, targets, key, batch_size=batch_size,
+                  apply_kwargs=apply_kwargs, **{**spec.defaults, **options})
+    return out._replace(maps=spec.reduce(out.maps))
+
+
+def check_options(method, model, options, image_shape=None, variables=None,
+                  apply_kwargs=None, layer_name="layer"):
+    """The method's options over its defaults, each checked; errors name the option.
+
+    A layer is checked against the model's layers when the image shape is known (given,
+    or the model's declared `input_shape`); otherwise at the first call.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
+    spec = METHODS[method]
+    unknown = set(options) - set(spec.options)
+    if unknown:
+        raise TypeError(f"{method} takes the options {tuple(spec.options) or 'none'}, got "
+                        f"{sorted(unknown)}")
+    checked = {**spec.defaults, **options}
+    for name, value in checked.items():
+        checked[name] = spec.options[name].check(name, value)
+    image_shape = image_shape or getattr(model, "input_shape", None)
+    for name, value in checked.items():  # image-valued options, e.g. a baseline image
+        if image_shape is not None and getattr(value, "ndim", 0) >= 3 and (
+                tuple(value.shape[-3:]) != tuple(image_shape[-3:])):
+            raise ValueError(f"{name} must have the images' shape {tuple(image_shape[-3:])},"
+                             f" got {tuple(value.shape[-3:])}")
+    if "layer" in checked and is_module(model) and (
+            image_shape is not None or checked["layer"] is None and default_layer(model) is None):
+        if variables is None and image_shape is not None:
+            variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x,
+                                                            **dict(apply_kwargs or {})),
+                                       jax.ShapeDtypeStruct((1,) + tuple(image_shape[-3:]),
+                                                            jnp.float32))
+        if image_shape is not None:
+            resolve_layer(model, variables, checked["layer"], (1,) + tuple(image_shape[-3:]),
+                          apply_kwargs, name=layer_name)
+        else:
+            raise ValueError(f"{layer_name} must be given: {type(model).__name__} declares "
+                             "no explanation_layer; xai_visualizations.layers(model, "
+                             "variables, image_shape) lists its layers")
+    return checked
+
+
+# ----------------------------------------------------------------------------------------
+# Compilation.
+
+
+@functools.lru_cache(maxsize=None)
+def single_image_compiler_options():
+    """`SINGLE_IMAGE_CPU_OPTIONS` when this backend and jaxlib accept them, else None."""
+    if jax.default_backend() != "cpu":
+        return None
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=SINGLE_IMAGE_CPU_OPTIONS)(jnp.zeros(()))
+    except Exception:  # noqa: BLE001 - a jaxlib without the option: plain jit everywhere
+        return None
+    return SINGLE_IMAGE_CPU_OPTIONS
+
+
+def jit_by_batch(fn, compiler_options="auto", **kwargs):
+    """jax.jit of `fn(variables, images, ...)`: single images compiled with
+    `single_image_compiler_options()` (or `compiler_options`), batches plainly; each
+    compiles once per shape."""
+    batched = jax.jit(fn, **kwargs)
+    options = (single_image_compiler_options() if compiler_options == "auto"
+               else compiler_options)
+    if options is None:
+        return batched
+    single = jax.jit(fn, compiler_options=options, **kwargs)
+    return lambda variables, images, *args, **kw: (
+        single if images.shape[0] == 1 else batched)(variables, images, *args, **kw)
+
+
+# ----------------------------------------------------------------------------------------
+# The public classes: checks on the host, then one jitted call.
 
 
 def _variables(params, batch_stats):
+    if params is None and batch_stats is None:
+        return None  # a plain function has no variables
     if not hasattr(params, "keys"):
         raise TypeError(f"params must be the dict of model parameters, got "
                         f"{type(params).__name__}")
     if batch_stats is None:
         return {"params": params}
+    if not hasattr(batch_stats, "keys"):
+        raise TypeError(f"batch_stats must be the dict of BatchNorm statistics or None, got "
+                        f"{type(batch_stats).__name__}")
     return {"params": params, "batch_stats": batch_stats}
+
+
+def _scored(method, model, apply_kwargs, batch_size, options, variables, images, targets,
+            key, normalize):
+    """(maps, predicted classes, softmax probability of each explained class)."""
+    out = explain(method, model, variables, images, targets, key, batch_size=batch_size,
+                  apply_kwargs=dict(apply_kwargs), **options)
+    scores = _target_logit(jax.nn.softmax(out.logits), out.targets)
+    return (normalize_maps(out.maps) if normalize else out.maps,
+            jnp.argmax(out.logits, -1), scores)
 
 
 def _outputs(maps, preds, scores, single):
@@ -694,62 +779,110 @@ def _outputs(maps, preds, scores, single):
     return maps, preds, scores
 
 
-# ----------------------------------------------------------------------------------------
-# Rendering.
+class Explainer:
+    """Any method of `METHODS` behind the seed's calling convention, for any linen model.
 
-
-def overlay(image, heatmap, alpha=0.4, colormap="jet"):
-    """Blends a [0, 1] heatmap, coloured with a matplotlib colormap, over an image.
-
-    Args:
-        image: (H, W, 3), or (N, H, W, 3), float in [0, 1] or uint8.
-        heatmap: (H, W), or (N, H, W), with values in [0, 1] (a normalised map).
-        alpha: weight of the coloured heatmap, in [0, 1].
-        colormap: a matplotlib colormap name.
-
-    Returns:
-        float32 (..., H, W, 3) in [0, 1]: (1 − alpha) · image + alpha · colour(heatmap).
+    `Explainer(model, "occlusion", patch=8)` checks the options once and jits once;
+    `.explain(params, batch_stats, image)` returns `(heatmap, pred_class, score)` like
+    `GradCAM.compute_gradcam`. `layer` is a layer method's module path (or an alias the
+    model declares); `apply_kwargs` go to `model.apply`, e.g. {"train": False}. A plain
+    function f(x) -> logits works for the methods without a layer: pass None as params.
     """
-    import matplotlib  # noqa: PLC0415 (only rendering needs it)
 
-    alpha = _check_fraction("alpha", alpha, upper=1)
-    try:
-        cmap = matplotlib.colormaps[colormap]
-    except (KeyError, ValueError, TypeError):
-        raise ValueError(f"colormap must be a matplotlib colormap name such as 'jet' or "
-                         f"'viridis', got {colormap!r}") from None
-    image = np.asarray(image)
-    image = image / 255.0 if image.dtype == np.uint8 else image
-    heatmap = np.asarray(heatmap, np.float32)
-    if image.shape[-1:] != (3,) or image.shape[:-1] != heatmap.shape:
-        raise ValueError(f"image must be (..., H, W, 3) and heatmap the matching (..., H, W), "
-                         f"got image {image.shape} and heatmap {heatmap.shape}")
-    if not np.isfinite(heatmap).all() or heatmap.min() < 0 or heatmap.max() > 1:
-        raise ValueError(f"heatmap values must be in [0, 1] (use normalize=True or "
-                         f"normalize_maps), got range [{np.nanmin(heatmap):.4g}, "
-                         f"{np.nanmax(heatmap):.4g}]")
-    colour = cmap(heatmap)[..., :3]
-    return np.clip((1 - alpha) * image + alpha * colour, 0, 1).astype(np.float32)
+    def __init__(self, model, method, *, layer=None, batch_size=256, apply_kwargs=None,
+                 **options):
+        if method in METHODS and layer is not None:
+            if "layer" not in METHODS[method].options:
+                raise TypeError(f"{method} takes no layer, got layer={layer!r}")
+            options["layer"] = layer
+        self.model, self.method = model, method
+        self.apply_kwargs = dict(apply_kwargs or {})
+        self.options = check_options(method, model, options, apply_kwargs=self.apply_kwargs)
+        self.batch_size = check_int("batch_size", batch_size, 1)
+        self._explain = jit_by_batch(functools.partial(
+            _scored, method, model, tuple(sorted(self.apply_kwargs.items())),
+            self.batch_size, self.options), static_argnames="normalize")
+
+    @property
+    def signed(self):
+        """Whether raw maps carry a sign (positive = evidence for the class)."""
+        return METHODS[self.method].signed
+
+    def _inputs(self, params, batch_stats, image, target_class):
+        variables = _variables(params, batch_stats)
+        images, single = check_images(image)
+        num_classes = check_call(self.model, variables, images.shape, self.apply_kwargs)
+        if "layer" in self.options:
+            resolve_layer(self.model, variables, self.options["layer"], images.shape,
+                          self.apply_kwargs)
+        return variables, images, single, check_targets(target_class, len(images),
+                                                        num_classes)
+
+    def explain(self, params, batch_stats, image, target_class=None, seed=0, normalize=True):
+        """Heatmaps for one image or a batch.
+
+        Args:
+            params, batch_stats: the model's variables (`batch_stats` None for a model
+                without BatchNorm; both None for a plain function).
+            image: (H, W, C) or (N, H, W, C), float in [0, 1] or uint8, at the size the
+                model takes.
+            target_class: None (each image's predicted class), an int, or N ints.
+            seed: the sampling methods' seed (SmoothGrad, RISE); the same seed gives the
+                same map.
+            normalize: min-max scale each map to [0, 1]; False gives the raw values
+                (signed for `signed` methods).
+
+        Returns:
+            (heatmap, pred_class, score): heatmap (H, W) or (N, H, W); the argmax class;
+            the softmax probability of the explained class.
+        """
+        variables, images, single, targets = self._inputs(params, batch_stats, image,
+                                                          target_class)
+        seed = check_int("seed", seed, 0)
+        out = self._explain(variables, images, targets, jax.random.key(seed),
+                            normalize=bool(normalize))
+        return _outputs(*out, single)
+
+    def visualize(self, image, heatmap, alpha=0.4, colormap="jet"):
+        """The heatmap coloured by `colormap` over the image: float (H, W, 3) in [0, 1]."""
+        return overlay(image, heatmap, alpha, colormap)
 
 
-# ----------------------------------------------------------------------------------------
-# The seed's classes.
+class IntegratedGradients(Explainer):
+    """Integrated Gradients (Sundararajan et al. 2017), whose `.attributions` also gives
+    the per-channel attributions and the completeness gap."""
+
+    def __init__(self, model, *, batch_size=256, apply_kwargs=None, **options):
+        super().__init__(model, "integrated_gradients", batch_size=batch_size,
+                         apply_kwargs=apply_kwargs, **options)
+        self._attributions = jax.jit(lambda variables, images, targets: integrated_gradients(
+            model, variables, images, targets, batch_size=self.batch_size,
+            apply_kwargs=self.apply_kwargs, **self.options))
+
+    def attributions(self, params, batch_stats, image, target_class=None):
+        """(attributions (…, H, W, C), completeness gap (…)) for one image or a batch;
+        the gap is |Σ attributions − (y_c(x) − y_c(x′))| / |y_c(x) − y_c(x′)|."""
+        variables, images, single, targets = self._inputs(params, batch_stats, image,
+                                                          target_class)
+        out = self._attributions(variables, images, targets)
+        attributions = np.asarray(out.maps)
+        gaps = np.asarray(out.extras["completeness_gap"])
+        return (attributions[0], float(gaps[0])) if single else (attributions, gaps)
 
 
 class GradCAM:
-    """Grad-CAM for a chosen layer, e.g. `GradCAM(model, target_layer='conv3')`.
-
-    Holds only the model and the layer; each call is independent and runs one jitted
-    function, compiled once per input shape.
+    """Grad-CAM for a chosen layer of any linen model, e.g.
+    `GradCAM(model, target_layer='conv3')`; the layer defaults to the one the model
+    declares (`explanation_layer`). Holds only the model and the layer; each call is
+    independent and runs one jitted function, compiled once per input shape.
     """
 
-    def __init__(self, model, target_layer="conv3"):
-        names = tuple(getattr(model, "layer_names", ()))
-        if target_layer not in names:
-            raise ValueError(f"target_layer must be one of {names}, got {target_layer!r}")
+    def __init__(self, model, target_layer=None, *, apply_kwargs=None):
+        check_options("gradcam", model, {"layer": target_layer}, apply_kwargs=apply_kwargs,
+                      layer_name="target_layer")
         self.model, self.target_layer = model, target_layer
-        self._explain = _jit(functools.partial(_gradcam_outputs, model, target_layer),
-                             static_argnames="normalize")
+        self._gradcam = Explainer(model, "gradcam", layer=target_layer,
+                                  apply_kwargs=apply_kwargs)
 
     def compute_gradcam(self, params, batch_stats, image, target_class=None, normalize=True):
         """Grad-CAM heatmaps for one image or a batch.
@@ -757,36 +890,38 @@ class GradCAM:
         Args:
             params, batch_stats: the model's variables (`batch_stats` may be None for a
                 model without BatchNorm).
-            image: (32, 32, 3) or (N, 32, 32, 3), float in [0, 1] (uint8 0..255 is
-                divided by 255).
+            image: (H, W, C) or (N, H, W, C), float in [0, 1] (uint8 0..255 is divided
+                by 255).
             target_class: None (each image's predicted class), an int, or N ints.
             normalize: min-max scale each map to [0, 1]; False gives the raw
                 ReLU(Σ α_k A_k), comparable across images and classes.
 
         Returns:
-            (heatmap, pred_class, score): heatmap (32, 32) or (N, 32, 32); the argmax
-            class; the softmax probability of the explained class.
+            (heatmap, pred_class, score): heatmap (H, W) or (N, H, W); the argmax class;
+            the softmax probability of the explained class.
         """
-        images, single = check_images(image)
-        targets = check_targets(target_class, len(images), self.model.num_classes)
-        out = self._explain(_variables(params, batch_stats), images, targets,
-                            normalize=bool(normalize))
-        return _outputs(*out, single)
+        return self._gradcam.explain(params, batch_stats, image, target_class,
+                                     normalize=normalize)
 
     def visualize(self, image, heatmap, alpha=0.4, colormap="jet"):
-        """The heatmap coloured by `colormap` over the image: float (32, 32, 3) in [0, 1]."""
+        """The heatmap coloured by `colormap` over the image: float (H, W, 3) in [0, 1]."""
         return overlay(image, heatmap, alpha, colormap)
 
 
 class SaliencyMap:
-    """Vanilla gradient saliency (Simonyan et al. 2014) and SmoothGrad over it."""
+    """Vanilla gradient saliency (Simonyan et al. 2014) and SmoothGrad over it, for any
+    linen model (or a plain function f(x) -> logits, with params None)."""
 
-    def __init__(self, model):
+    def __init__(self, model, *, apply_kwargs=None):
         self.model = model
-        self._saliency = _jit(functools.partial(_saliency_outputs, model),
-                              static_argnames="normalize")
-        self._smooth = _jit(functools.partial(_smooth_saliency_outputs, model),
-                            static_argnames=("normalize", "n_samples", "batch_size"))
+        self._saliency = Explainer(model, "saliency", apply_kwargs=apply_kwargs)
+        kwargs = tuple(sorted(dict(apply_kwargs or {}).items()))
+        self._smooth = jit_by_batch(
+            lambda variables, images, targets, key, normalize, n_samples, noise_level,
+            batch_size: _scored("smoothgrad", model, kwargs, batch_size,
+                                {"n_samples": n_samples, "noise_level": noise_level},
+                                variables, images, targets, key, normalize),
+            static_argnames=("normalize", "n_samples", "batch_size"))
 
     def compute_saliency(self, params, batch_stats, image, target_class=None, normalize=True):
         """|∂y_c/∂x| maxed over colour channels, for one image or a batch.
@@ -794,11 +929,8 @@ class SaliencyMap:
         Arguments and returns are those of `GradCAM.compute_gradcam`; the raw map
         (`normalize=False`) is the gradient magnitude itself.
         """
-        images, single = check_images(image)
-        targets = check_targets(target_class, len(images), self.model.num_classes)
-        out = self._saliency(_variables(params, batch_stats), images, targets,
-                             normalize=bool(normalize))
-        return _outputs(*out, single)
+        return self._saliency.explain(params, batch_stats, image, target_class,
+                                      normalize=normalize)
 
     def compute_smooth_saliency(self, params, batch_stats, image, n_samples=50,
                                 noise_level=0.15, target_class=None, seed=0,
@@ -814,134 +946,13 @@ class SaliencyMap:
         Returns:
             As `compute_saliency`.
         """
-        images, single = check_images(image)
-        targets = check_targets(target_class, len(images), self.model.num_classes)
-        n_samples = _check_int("n_samples", n_samples, 1)
-        batch_size = _check_int("batch_size", batch_size, 1)
-        noise_level = _check_fraction("noise_level", noise_level)
-        seed = _check_int("seed", seed, 0)
-        out = self._smooth(_variables(params, batch_stats), images, targets,
-                           jax.random.key(seed), normalize=bool(normalize),
-                           n_samples=n_samples, noise_level=noise_level,
-                           batch_size=batch_size)
+        variables, images, single, targets = self._saliency._inputs(
+            params, batch_stats, image, target_class)
+        n_samples = check_int("n_samples", n_samples, 1)
+        batch_size = check_int("batch_size", batch_size, 1)
+        noise_level = check_number("noise_level", noise_level)
+        seed = check_int("seed", seed, 0)
+        out = self._smooth(variables, images, targets, jax.random.key(seed),
+                           normalize=bool(normalize), n_samples=n_samples,
+                           noise_level=noise_level, batch_size=batch_size)
         return _outputs(*out, single)
-
-
-def _method_outputs(model, method, batch_size, options, variables, images, targets, key,
-                    normalize):
-    maps, logits, targets = explain(method, model, variables, images, targets, key,
-                                    batch_size=batch_size, **options)
-    return _finish(maps, logits, targets, normalize)
-
-
-class Explainer:
-    """Any method of `METHODS` behind the seed's calling convention.
-
-    `Explainer(model, "occlusion", patch=8)` checks the options once and jits once;
-    `.explain(params, batch_stats, image)` returns `(heatmap, pred_class, score)` like
-    `GradCAM.compute_gradcam`. The subclasses below name one method each.
-    """
-
-    method = None
-
-    def __init__(self, model, method=None, *, batch_size=256, **options):
-        method = method or self.method
-        self.model, self.method = model, method
-        self.options = check_options(method, model, options)
-        self.batch_size = _check_int("batch_size", batch_size, 1)
-        self._explain = _jit(functools.partial(_method_outputs, model, method,
-                                               self.batch_size, self.options),
-                             static_argnames="normalize")
-
-    @property
-    def signed(self):
-        """Whether raw maps carry a sign (positive = evidence for the class)."""
-        return METHODS[self.method].signed
-
-    def explain(self, params, batch_stats, image, target_class=None, seed=0, normalize=True):
-        """Heatmaps for one image or a batch.
-
-        Args:
-            params, batch_stats: the model's variables (`batch_stats` may be None).
-            image: (32, 32, 3) or (N, 32, 32, 3), float in [0, 1] or uint8.
-            target_class: None (each image's predicted class), an int, or N ints.
-            seed: the sampling methods' seed (SmoothGrad, RISE); the same seed gives the
-                same map.
-            normalize: min-max scale each map to [0, 1]; False gives the raw values
-                (signed for `signed` methods).
-
-        Returns:
-            (heatmap, pred_class, score): heatmap (32, 32) or (N, 32, 32); the argmax
-            class; the softmax probability of the explained class.
-        """
-        images, single = check_images(image)
-        targets = check_targets(target_class, len(images), self.model.num_classes)
-        seed = _check_int("seed", seed, 0)
-        out = self._explain(_variables(params, batch_stats), images, targets,
-                            jax.random.key(seed), normalize=bool(normalize))
-        return _outputs(*out, single)
-
-    def visualize(self, image, heatmap, alpha=0.4, colormap="jet"):
-        """The heatmap coloured by `colormap` over the image: float (32, 32, 3) in [0, 1]."""
-        return overlay(image, heatmap, alpha, colormap)
-
-
-class GradCAMPlusPlus(Explainer):
-    """Grad-CAM++ (Chattopadhay et al. 2018); option `layer` (default 'conv3')."""
-    method = "gradcam++"
-
-
-class GradientXInput(Explainer):
-    """Gradient ⊙ Input (Shrikumar et al. 2016), summed over colour channels (signed)."""
-    method = "grad_x_input"
-
-
-class IntegratedGradients(Explainer):
-    """Integrated Gradients (Sundararajan et al. 2017), summed over colour channels
-    (signed); options `steps` (64) and `baseline` (None: black, or an image)."""
-    method = "integrated_gradients"
-
-    def attributions(self, params, batch_stats, image, target_class=None):
-        """(attributions (…, 32, 32, 3), completeness gap (…)) for one image or a batch;
-        the gap is |Σ attributions − (y_c(x) − y_c(x′))| / |y_c(x) − y_c(x′)|."""
-        images, single = check_images(image)
-        targets = check_targets(target_class, len(images), self.model.num_classes)
-        attributions, gaps, _, _ = _jit_ig(self.model, self.batch_size, self.options)(
-            _variables(params, batch_stats), images, targets)
-        attributions, gaps = np.asarray(attributions), np.asarray(gaps)
-        return (attributions[0], float(gaps[0])) if single else (attributions, gaps)
-
-
-@functools.lru_cache(maxsize=32)
-def _jit_ig_cached(model, batch_size, steps):
-    return jax.jit(lambda variables, images, targets, baseline: integrated_gradients(
-        model, variables, images, targets, baseline=baseline, steps=steps,
-        batch_size=batch_size))
-
-
-def _jit_ig(model, batch_size, options):
-    fn = _jit_ig_cached(model, batch_size, options["steps"])
-    baseline = 0.0 if options["baseline"] is None else options["baseline"]
-    return lambda variables, images, targets: fn(variables, images, targets, baseline)
-
-
-class Occlusion(Explainer):
-    """Occlusion (Zeiler & Fergus 2014), signed; options `patch` (4), `stride` (2) and
-    `baseline` (0.0, the value a hidden square takes)."""
-    method = "occlusion"
-
-
-class RISE(Explainer):
-    """RISE (Petsiuk et al. 2018); options `n_masks` (4000), `cell_size` (4) and
-    `keep_prob` (0.5); `explain(..., seed=)` picks the masks."""
-    method = "rise"
-
-
-class GuidedBackprop(Explainer):
-    """Guided Backprop (Springenberg et al. 2015), |·| maxed over colour channels."""
-    method = "guided_backprop"
-
-
-class GuidedGradCAM(Explainer):
-    """Guided Grad-CAM (Selvaraju et al. 2017); option `layer` (default 'conv3')."""
-    method = "guided_gradcam"

@@ -89,7 +89,7 @@ def main(argv=None):
     images = jax.device_put(jax.random.randint(key, (EPOCH_IMAGES, 32, 32, 3), 0, 256,
                                                jnp.int32).astype(jnp.uint8), replicated)
     labels = jax.device_put(jax.random.randint(key, (EPOCH_IMAGES,), 0, 10), replicated)
-    print(f"device: {tc.describe_device()}, recipe {args.recipe}, width {args.width}")
+    print(f"device: {cli.describe_device()}, recipe {args.recipe}, width {args.width}")
     print("| batch | precision | steps per call | compile s | img/s | s per epoch |")
     print("|---|---|---|---|---|---|")
     for precision in args.precision:

@@ -36,9 +36,10 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import cifar10_cnn_model as cm  # noqa: E402
 import cli  # noqa: E402
+import xai_models  # noqa: E402
 import xai_visualizations as xv  # noqa: E402
 from cifar10_cnn_model import CONVS_PER_BLOCK, CIFAR10CNN  # noqa: E402
-from train_cifar10 import describe_device  # noqa: E402
+from cli import describe_device  # noqa: E402
 
 
 def time_call(fn, repeats, desc, quiet):
@@ -107,8 +108,8 @@ def main(argv=None):
     variables = jax.jit(model.init)(key, jnp.zeros((1, 32, 32, 3)))
     images = jax.random.uniform(key, (args.batch_size, 32, 32, 3))
     print(f"device: {describe_device()}; width {args.width}")
-    print(f"XLA:CPU options for single images: {xv._compiler_options() or 'none'}")
-    runs = build_runs(model, variables, images, args.samples, xv._compiler_options())
+    print(f"XLA:CPU options for single images: {xv.single_image_compiler_options() or 'none'}")
+    runs = build_runs(model, variables, images, args.samples, xv.single_image_compiler_options())
     if not args.no_reference:
         runs.update(reference_runs(model, variables, images, args.samples))
     if args.plain_jit:
@@ -139,7 +140,7 @@ def time_methods(model, variables, methods, batch, repeats, quiet):
         first, seconds = time_call(
             lambda: explainer.explain(variables["params"], variables["batch_stats"], images),
             repeats, name, quiet)
-        forward, backward = xv.METHODS[name].passes(explainer.options)
+        forward, backward = xv.METHODS[name].passes(explainer.options, images.shape[1:])
         print(f"  {name:22s} {1000 * seconds / batch:9.2f} ms/image, {batch / seconds:9.1f} "
               f"img/s, {forward} + {backward} passes/image (first call {first:.1f} s)")
 
@@ -217,7 +218,7 @@ def reference_runs(model, variables, images, samples):
 
     def with_flax_pool(fn):
         def traced(*args):
-            with mock.patch.object(cm, "_pool", flax_pool):  # active while jit traces
+            with mock.patch.object(cm, "pool2x2", flax_pool):  # active while jit traces
                 return fn(*args)
         return jax.jit(traced)
 
@@ -228,9 +229,11 @@ def reference_runs(model, variables, images, samples):
         logit = lambda x: top_logit(x, lambda x: model.apply(variables, x[None])[0])
         return xv.normalize_maps(jnp.max(jnp.abs(jax.grad(logit)(x)), axis=-1))
 
+    features, head_from = xai_models.split(model, variables, "block3")
+
     def gradcam(x):
-        acts = model.apply(variables, x[None], method=model.features)["conv3"][0]
-        head = lambda a: model.apply(variables, a[None], method=model.head_from)[0]
+        acts = features(x[None])[0]
+        head = lambda a: head_from(x[None], a[None])[0]
         grads = jax.grad(lambda a: top_logit(a, head))(acts)
         cam = jax.nn.relu(jnp.sum(jnp.mean(grads, axis=(0, 1)) * acts, axis=-1))
         return xv.normalize_maps(jax.image.resize(cam, (32, 32), "bilinear"))
@@ -254,9 +257,9 @@ def reference_runs(model, variables, images, samples):
 
 def build_runs(model, variables, images, samples, options):
     """{name: (images per call, call)} for the public explainers jitted with `options`."""
-    with mock.patch.object(xv, "_compiler_options", lambda: options):
+    with mock.patch.object(xv, "single_image_compiler_options", lambda: options):
         gradcam, saliency = xv.GradCAM(model, "conv3"), xv.SaliencyMap(model)
-        forward = xv._jit(lambda v, x: model.apply(v, x))
+        forward = xv.jit_by_batch(lambda v, x: model.apply(v, x))
     params, batch_stats = variables["params"], variables["batch_stats"]
     n = len(images)
     return {

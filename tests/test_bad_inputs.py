@@ -28,8 +28,8 @@ NAN, INF = OK.copy(), OK.copy()
 NAN[0, 0, 0], INF[1, 1, 1] = np.nan, np.inf
 
 
-class NoActivation(nn.Module):
-    """A model without an `activation` field, which Guided Backprop cannot rewire."""
+class NoReLU(nn.Module):
+    """A linear model: no ReLU for Guided Backprop's rule to act on."""
 
     @nn.compact
     def __call__(self, x):
@@ -67,8 +67,11 @@ def env(tiny_model, tiny_variables, tmp_path_factory):
         return xm.deletion_insertion(tiny_model, variables, **{
             "images": images, "maps": maps, "targets": targets, **kwargs})
 
+    wide = jax.jit(CIFAR10CNN(width=8).init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    linear = NoReLU().init(jax.random.key(0), images)
     return SimpleNamespace(model=tiny_model, variables=variables, folder=folder,
-                           explain=explain, curves=curves, images=images)
+                           explain=explain, curves=curves, images=images, wide=wide,
+                           linear=linear)
 
 
 def _apply(e, x):
@@ -87,8 +90,8 @@ CASES = [
      ValueError, "got shape (1, 32, 32, 1)"),
     ("model: empty batch", lambda e: _apply(e, jnp.zeros((0, 32, 32, 3))),
      ValueError, "with N >= 1, got shape (0, 32, 32, 3)"),
-    ("model: size not a multiple of 4", lambda e: _apply(e, jnp.zeros((1, 30, 30, 3))),
-     ValueError, "multiples of 4 (two 2x2 poolings), got 30x30"),
+    ("model: size not a multiple of 8", lambda e: _apply(e, jnp.zeros((1, 28, 28, 3))),
+     ValueError, "multiples of 8 (three 2x2 poolings), got 28x28"),
     ("model: uint8 images", lambda e: _apply(e, jnp.zeros((1, 32, 32, 3), jnp.uint8)),
      TypeError, "got dtype uint8 (divide uint8 images by 255 first)"),
     ("model: a list", lambda e: _apply(e, [[0.5]]),
@@ -99,9 +102,9 @@ CASES = [
      ValueError, "dropout_rate must be a number in [0, 1), got 1.0"),
     ("model: no classes", lambda e: _init(num_classes=0),
      ValueError, "num_classes must be an int >= 1, got 0"),
-    ("model: unknown layer", lambda e: e.model.apply(e.variables, jnp.zeros((1, 32, 32, 4)),
-                                                     layer="conv9", method=CIFAR10CNN.head_from),
-     ValueError, "layer must be one of ('conv1', 'conv2', 'conv3'), got 'conv9'"),
+    ("layers: unknown layer", lambda e: xv.GradCAM(e.model, target_layer="conv9"),
+     ValueError, "target_layer 'conv9' is not a module of CIFAR10CNN; its layers are "
+                 "block1 (32×32×4), block1/Conv_0 (32×32×4)"),
     # ---------------------------------------------------------------- data
     ("data: no CIFAR-10 in the folder", lambda e: cifar10_data.load_folder(e.folder / "none"),
      cifar10_data.DataError, "holds no CIFAR-10 data: expected the binary layout"),
@@ -162,13 +165,25 @@ CASES = [
      SystemExit, "argument --seed: must be an int >= 0, got -1"),
     # ---------------------------------------------------------------- seed explainers
     ("gradcam: 2-D image", lambda e: e.explain("gradcam", image=np.zeros((32, 32))),
-     ValueError, "image must have shape (32, 32, 3)"),
+     ValueError, "image must be one image (H, W, C) or a batch (N, H, W, C), got shape (32, 32)"),
     ("gradcam: one channel", lambda e: e.explain("gradcam", image=np.zeros((32, 32, 1))),
-     ValueError, "got (32, 32, 1)"),
+     ValueError, "image of shape (32, 32, 1) does not fit CIFAR10CNN"),
     ("saliency: 28 px", lambda e: e.explain("saliency", image=np.zeros((2, 28, 28, 3))),
-     ValueError, "got (2, 28, 28, 3)"),
+     ValueError, "image of shape (28, 28, 3) does not fit CIFAR10CNN: ValueError: "
+                 "CIFAR10CNN input height and width must be positive multiples of 8"),
+    ("gradcam: params and batch_stats swapped",
+     lambda e: e.explain("gradcam", params=e.variables["batch_stats"],
+                         batch_stats=e.variables["params"]),
+     ValueError, "variables do not fit CIFAR10CNN: params/block1/BatchNorm_0/bias is missing "
+                 "(params and batch_stats are swapped)"),
+    ("saliency: another width", lambda e: e.explain("saliency", params=e.wide["params"],
+                                                    batch_stats=e.wide["batch_stats"]),
+     ValueError, "params/block1/BatchNorm_0/bias is (8,), the model needs (4,)"),
+    ("saliency: no batch_stats", lambda e: e.explain("saliency", batch_stats=None),
+     ValueError, "variables do not fit CIFAR10CNN: batch_stats/block1/BatchNorm_0/mean is "
+                 "missing"),
     ("saliency: 5-D", lambda e: e.explain("saliency", image=np.zeros((1, 1, 32, 32, 3))),
-     ValueError, "got (1, 1, 32, 32, 3)"),
+     ValueError, "got shape (1, 1, 32, 32, 3)"),
     ("gradcam: empty batch", lambda e: e.explain("gradcam", image=np.zeros((0, 32, 32, 3))),
      ValueError, "at least one image"),
     ("gradcam: a file name", lambda e: e.explain("gradcam", image="cat.png"),
@@ -210,7 +225,7 @@ CASES = [
     ("gradcam: params not a dict", lambda e: e.explain("gradcam", params=[1, 2]),
      TypeError, "params must be the dict of model parameters"),
     ("gradcam: unknown layer", lambda e: xv.GradCAM(e.model, target_layer="fc1"),
-     ValueError, "target_layer must be one of ('conv1', 'conv2', 'conv3'), got 'fc1'"),
+     ValueError, "target_layer 'fc1' is not a module of CIFAR10CNN; its layers are"),
     # ---------------------------------------------------------------- other explainers
     ("explain: unknown method", lambda e: xv.Explainer(e.model, "lime"),
      ValueError, "method must be one of"),
@@ -219,12 +234,14 @@ CASES = [
     ("saliency: any option", lambda e: xv.Explainer(e.model, "saliency", steps=4),
      TypeError, "saliency takes the options none"),
     ("gradcam++: unknown layer", lambda e: xv.Explainer(e.model, "gradcam++", layer="fc"),
-     ValueError, "layer must be one of"),
+     ValueError, "layer 'fc' is not a module of CIFAR10CNN; its layers are"),
+    ("saliency: a layer", lambda e: xv.Explainer(e.model, "saliency", layer="block3"),
+     TypeError, "saliency takes no layer, got layer='block3'"),
     ("IG: no steps", lambda e: xv.Explainer(e.model, "integrated_gradients", steps=0),
      ValueError, "steps must be an int >= 1, got 0"),
     ("IG: channels-first baseline",
      lambda e: xv.Explainer(e.model, "integrated_gradients", baseline=np.zeros((3, 32, 32))),
-     ValueError, "baseline must have shape (32, 32, 3)"),
+     ValueError, "baseline must have the images' shape (32, 32, 3), got (3, 32, 32)"),
     ("IG: baseline above 1",
      lambda e: xv.Explainer(e.model, "integrated_gradients", baseline=np.full((32, 32, 3), 2.0)),
      ValueError, "baseline values must be in [0, 1]"),
@@ -237,19 +254,17 @@ CASES = [
      ValueError, "n_masks must be an int >= 1, got 2.5"),
     ("RISE: batch 0", lambda e: xv.Explainer(e.model, "rise", batch_size=0),
      ValueError, "batch_size must be an int >= 1, got 0"),
-    ("occlusion: patch 40", lambda e: xv.Explainer(e.model, "occlusion", patch=40),
-     ValueError, "patch must be at most 32 pixels, got 40"),
     ("occlusion: baseline 1.5", lambda e: xv.Explainer(e.model, "occlusion", baseline=1.5),
      ValueError, "baseline must be a number in [0, 1]"),
     ("occlusion: stride 0", lambda e: xv.Explainer(e.model, "occlusion", stride=0),
      ValueError, "stride must be an int >= 1, got 0"),
     ("Grad x Input: negative seed",
-     lambda e: xv.GradientXInput(e.model).explain(e.variables["params"],
-                                                  e.variables["batch_stats"], OK, seed=-1),
+     lambda e: xv.Explainer(e.model, "grad_x_input").explain(
+         e.variables["params"], e.variables["batch_stats"], OK, seed=-1),
      ValueError, "seed must be an int >= 0, got -1"),
-    ("guided backprop: no activation field",
-     lambda e: xv.guided_backprop(NoActivation(), None, e.images, jnp.zeros(2, jnp.int32)),
-     TypeError, "needs a model with an `activation` attribute"),
+    ("guided backprop: no ReLU",
+     lambda e: xv.guided_backprop(NoReLU(), e.linear, e.images, jnp.zeros(2, jnp.int32)),
+     TypeError, "Guided Backprop needs a ReLU network, and the model's program has no ReLU"),
     ("overlay: heatmap above 1", lambda e: xv.overlay(OK, np.full((32, 32), 2.0)),
      ValueError, "heatmap values must be in [0, 1]"),
     ("overlay: heatmap size", lambda e: xv.overlay(OK, np.zeros((16, 16))),

@@ -45,7 +45,7 @@ def _state_record(config, epoch):
     """A training-state file's record, as `save_state` writes it (no arrays needed:
     the run folder is checked before any array is read)."""
     return {"format": 1, "epoch": epoch, "leaves": [], "history": [],
-            "config": {k: getattr(config, k) for k in tc._RUN_FIELDS}}
+            "config": tc.run_settings(config)}
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,8 @@ CASES = [
      ["--checkpoint", "{tiny.pkl}", "--data-dir", "{truncated_data}", "--quiet"], 1,
      ["data_batch_1.bin: size is 100 bytes"]),
     ("demo: an unknown layer", "demo", ["--checkpoint", "{tiny.pkl}", "--layer", "conv9"], 2,
-     ["--layer must be one of ('conv1', 'conv2', 'conv3'), got 'conv9'"]),
+     ["--layer 'conv9' is not a module of CIFAR10CNN; its layers are block1 (32×32×4)",
+      "(aliases: conv1 = block1; conv2 = block2; conv3 = block3)"]),
     ("demo: no images", "demo", ["--num-images", "0"], 2,
      ["argument --num-images: must be an int >= 1, got 0"]),
     ("demo: an output folder that is a file", "demo", ["--output-dir", "{a_file}"], 2,
@@ -135,7 +136,7 @@ CASES = [
      ["argument --methods: invalid choice: 'lime'"]),
     ("evaluate: an unknown layer", "evaluate",
      ["--checkpoint", "{tiny.pkl}", "--methods", "gradcam", "--layer", "fc1", "--quiet"], 2,
-     ["layer must be one of ('conv1', 'conv2', 'conv3'), got 'fc1'"]),
+     ["layer 'fc1' is not a module of CIFAR10CNN; its layers are block1 (32×32×4)"]),
     ("evaluate: a missing checkpoint", "evaluate", ["--checkpoint", "nope.pkl"], 1,
      ["checkpoint 'nope.pkl' does not exist"]),
     ("evaluate: a checkpoint of another width", "evaluate", ["--checkpoint", "{wider.pkl}"], 2,

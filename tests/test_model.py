@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import cifar10_cnn_model as cm
+import xai_models
 from cifar10_cnn_model import LAYER_NAMES, CIFAR10CNN
 
 
@@ -34,26 +35,25 @@ def test_activations_are_post_relu_block_outputs(tiny_model, tiny_variables, ima
 
 
 @pytest.mark.parametrize("layer", LAYER_NAMES)
-def test_head_from_any_layer_reproduces_the_logits(tiny_model, tiny_variables, images, layer):
+def test_the_seeds_layer_names_are_the_block_outputs(tiny_model, tiny_variables, images,
+                                                     layer):
+    """Split at a block's module path, the features are the seed's named activation and
+    the head from them reproduces the logits."""
     logits, acts = tiny_model.apply(tiny_variables, images, return_activations=True)
-    from_layer = tiny_model.apply(tiny_variables, acts[layer], layer=layer,
-                                  method=CIFAR10CNN.head_from)
-    np.testing.assert_allclose(from_layer, logits, rtol=1e-5, atol=1e-5)
+    path = CIFAR10CNN.layer_aliases[layer]
+    features, head = xai_models.split(tiny_model, tiny_variables, path)
+    np.testing.assert_array_equal(features(images), acts[layer])
+    np.testing.assert_allclose(head(images, acts[layer]), logits, rtol=1e-5, atol=1e-5)
 
 
 def test_logits_differentiate_with_respect_to_a_block_output(tiny_model, tiny_variables, images):
-    acts = tiny_model.apply(tiny_variables, images, method=CIFAR10CNN.features)
-
-    def target_logit(conv3):
-        logits = tiny_model.apply(tiny_variables, conv3, method=CIFAR10CNN.head_from)
-        return logits[:, 3].sum()
-
-    grads = jax.grad(target_logit)(acts["conv3"])
-    assert grads.shape == acts["conv3"].shape
+    features, head = xai_models.split(tiny_model, tiny_variables, "block3")
+    conv3 = features(images)
+    grads = jax.grad(lambda a: head(images, a)[:, 3].sum())(conv3)
+    assert grads.shape == conv3.shape
     assert float(jnp.abs(grads).sum()) > 0
     # Examples are independent in eval mode: image 0's logit has no gradient in image 1.
-    one = jax.grad(lambda a: tiny_model.apply(
-        tiny_variables, a, method=CIFAR10CNN.head_from)[0, 3])(acts["conv3"])
+    one = jax.grad(lambda a: head(images, a)[0, 3])(conv3)
     assert float(jnp.abs(one[1:]).max()) == 0.0
 
 
@@ -69,7 +69,7 @@ def test_normalisation_happens_inside_the_model(tiny_model, tiny_variables):
     # the first block's output is then the same at every pixel.
     from cifar10_cnn_model import CIFAR10_MEAN
     mean_image = jnp.broadcast_to(jnp.asarray(CIFAR10_MEAN), (1, 32, 32, 3))
-    acts = tiny_model.apply(tiny_variables, mean_image, method=CIFAR10CNN.features)
+    _, acts = tiny_model.apply(tiny_variables, mean_image, return_activations=True)
     conv1 = acts["conv1"][0]
     np.testing.assert_allclose(conv1, jnp.broadcast_to(conv1[16, 16], conv1.shape), atol=1e-6)
 
@@ -90,8 +90,8 @@ def test_train_mode_updates_batch_stats_and_uses_dropout(tiny_model, tiny_variab
 
 def test_pooling_equals_flax_max_pool_and_routes_the_gradient_to_the_maximum():
     x = jax.random.normal(jax.random.key(4), (2, 8, 8, 3))
-    np.testing.assert_array_equal(cm._pool(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
-    grads = jax.grad(lambda x: jnp.sum(cm._pool(x)))(x)
+    np.testing.assert_array_equal(cm.pool2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
+    grads = jax.grad(lambda x: jnp.sum(cm.pool2x2(x)))(x)
     np.testing.assert_array_equal(grads, jax.grad(
         lambda x: jnp.sum(nn.max_pool(x, (2, 2), strides=(2, 2))))(x))
     assert grads.sum() == 2 * 4 * 4 * 3  # one 1 per window (no ties in random normals)

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+import checkpoints
 import train_cifar10 as tc
 from cifar10_cnn_model import CIFAR10CNN
 from test_train import synthetic_data  # noqa: F401 (a fixture)
@@ -90,7 +91,8 @@ def test_each_epoch_saves_the_whole_state_and_keeps_the_newest(trained, syntheti
     config, state, metrics, states = trained
     assert sorted(p.name for p in states.iterdir()) == ["state_0002.pkl", "state_0003.pkl"]
     template = tc.create_train_state(CIFAR10CNN(width=4), config, jax.random.key(9), 30)
-    restored, epoch, history = tc.load_state(states / "state_0003.pkl", template, config)
+    restored, epoch, history = tc.load_state(states / "state_0003.pkl", template,
+                                             tc.run_settings(config))
     assert epoch == 3 and history == metrics["history"]
     same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
                         jax.tree.map(np.asarray, jax.device_get(state.params)),
@@ -122,7 +124,7 @@ def test_a_truncated_state_is_refused_clearly(trained, tmp_path):
     broken.write_bytes((states / "state_0003.pkl").read_bytes()[:1000])
     template = tc.create_train_state(CIFAR10CNN(width=4), config, jax.random.key(0), 30)
     with pytest.raises(ValueError, match="is not readable .*delete it to resume"):
-        tc.load_state(broken, template, config)
+        tc.load_state(broken, template, tc.run_settings(config))
 
 
 def test_a_diverging_run_stops_naming_the_epoch_and_step(synthetic_data, tmp_path):
@@ -150,13 +152,14 @@ def test_a_malicious_pickle_never_runs_its_payload(loader, tmp_path):
             tc.load_checkpoint(path)
         else:
             template = tc.create_train_state(CIFAR10CNN(width=4), CONFIG, jax.random.key(0))
-            tc.load_state(path, template, CONFIG)
+            tc.load_state(path, template, tc.run_settings(CONFIG))
     assert not marker.exists()
 
 
 _SLOW_SAVE = """
 import pickle, sys, time
 import jax, jax.numpy as jnp
+import checkpoints
 import train_cifar10 as tc
 from cifar10_cnn_model import CIFAR10CNN
 
@@ -169,7 +172,7 @@ def half_then_hang(obj, f, protocol=None):
 
 model = CIFAR10CNN(width=4)
 variables = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
-tc.pickle.dump = half_then_hang
+checkpoints.pickle.dump = half_then_hang
 tc.save_checkpoint(sys.argv[1], model, variables)
 """
 
@@ -204,7 +207,7 @@ def test_a_failed_save_says_so_and_keeps_the_previous_file(tmp_path, monkeypatch
     def disk_full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(tc.os, "fsync", disk_full)
+    monkeypatch.setattr(checkpoints.os, "fsync", disk_full)
     with pytest.raises(OSError, match=r"could not write .*model.pkl.* \(No space left on "
                                       r"device\); the previous file is unchanged"):
         tc.save_checkpoint(path, model, variables)

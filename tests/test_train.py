@@ -146,8 +146,8 @@ def test_train_and_evaluate_reports_history_and_both_test_accuracies(trained):
 def test_test_accuracy_is_reported_on_the_exact_first_1000_records():
     per_example = {"correct": np.r_[np.ones(1000, bool), np.zeros(1000, bool)],
                    "loss": np.r_[np.zeros(1000), np.ones(1000)]}
-    assert tc._summary(per_example, tc.EXACT_TEST_RECORDS) == {"accuracy": 1.0, "loss": 0.0}
-    assert tc._summary(per_example) == {"accuracy": 0.5, "loss": 0.5}
+    assert tc.summarize(per_example, tc.EXACT_TEST_RECORDS) == {"accuracy": 1.0, "loss": 0.0}
+    assert tc.summarize(per_example) == {"accuracy": 0.5, "loss": 0.5}
 
 
 def test_same_seed_gives_identical_params_and_another_seed_does_not(trained, synthetic_data):
@@ -254,6 +254,7 @@ def test_main_writes_checkpoint_report_and_plot(synthetic_data, tmp_path, monkey
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["config"]["train"]["epochs"] == 1
     assert report["config"]["model"] == {"num_classes": 10, "width": 4, "dropout_rate": 0.5}
+    assert report["config"]["architecture"] == "CIFAR10CNN"
     assert len(report["history"]) == 1
     for key in ("val_accuracy", "test_accuracy_first1000", "test_accuracy", "wall_time_s",
                 "device"):
@@ -420,5 +421,5 @@ def test_bf16_precision_keeps_parameters_batchnorm_and_loss_in_float32(synthetic
     logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
                          jnp.zeros((2, 32, 32, 3)))
     assert logits.dtype == jnp.float32
-    assert tc._run_config(model, config)["model"] == {"num_classes": 10, "width": 4,
-                                                     "dropout_rate": 0.5}
+    assert tc.architecture_record(model) == ("CIFAR10CNN", {"num_classes": 10, "width": 4,
+                                                            "dropout_rate": 0.5})
