@@ -7,7 +7,7 @@
   `encoder/layer_5`. `split(...)` reaches it with `flax.linen.intercept_methods`, with no
   hook and nothing the model must define: `features(x)` captures the submodule's
   output A, and `head(x, A)` replaces it, so layer methods differentiate the logits with
-  `jax.vjp` with respect to A. XLA drops what each half does not use (`tests/test_models.py`
+  `jax.vjp` with respect to A. XLA drops what each half does not use (`tests/test_any_model.py`
   counts the convolutions in the compiled program).
 - `layers(...)` lists every layer a method can target, with its output shape. A model may
   declare `explanation_layer` (the default layer) and `layer_aliases` (other names for
@@ -293,15 +293,14 @@ def _is_zero(v) -> bool:
 
 
 def _relu_input(eqn):
-    """The input of a ReLU equation (jax.nn.relu, or max(x, 0)), else None."""
+    """The input of a ReLU equation, else None: `jax.nn.relu` (a custom_jvp_call named
+    relu), or `jnp.maximum(x, 0)` with the zero second, as a ReLU is written by hand.
+    `jnp.maximum(0, x)` is left alone: normalisation layers clamp their variance with
+    it (flax's LayerNorm), and guiding that clamp would be wrong."""
     if eqn.primitive.name == "custom_jvp_call" and eqn.params.get("name") == "relu":
         return eqn.invars[0]
-    if eqn.primitive.name == "max" and len(eqn.invars) == 2:
-        a, b = eqn.invars
-        if _is_zero(b):
-            return a
-        if _is_zero(a):
-            return b
+    if eqn.primitive.name == "max" and len(eqn.invars) == 2 and _is_zero(eqn.invars[1]):
+        return eqn.invars[0]
     return None
 
 
@@ -360,7 +359,7 @@ def guided(fn: Callable) -> Callable:
     """fn(x) with every ReLU's backward pass replaced by Guided Backprop's rule.
 
     The program fn traces to is evaluated equation by equation, with each ReLU
-    (`jax.nn.relu`, or max(x, 0)) run as `guided_relu`; everything else, and the forward
+    (`jax.nn.relu`, or jnp.maximum(x, 0)) run as `guided_relu`; everything else, and the forward
     values, are unchanged. A program without ReLUs, or with ReLUs inside a loop or a
     branch, is refused rather than explained unguided.
     """
