@@ -4,8 +4,9 @@ PY := $(VENV)/bin/python
 
 .PHONY: test demo app bench evaluate clean chromium
 
-# (Re)install when requirements.txt changes; creates .venv when it is missing.
-$(VENV)/.installed: requirements.txt
+# (Re)install when the dependencies change; creates .venv when it is missing. The package
+# goes in editable (pyproject.toml), so its modules import from any folder.
+$(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt

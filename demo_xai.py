@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import cifar10_data
-import cli
+import xai_cli as cli
 import xai_metrics
 from checkpoints import default_checkpoint, describe_checkpoint, load_checkpoint
 from cifar10_data import CLASS_NAMES, EXACT_TEST_RECORDS

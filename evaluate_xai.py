@@ -29,7 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import cifar10_data
-import cli
+import xai_cli as cli
 import xai_metrics as xm
 import xai_visualizations as xv
 from checkpoints import atomic_write, default_checkpoint, describe_checkpoint, load_checkpoint

@@ -37,9 +37,9 @@ from flax.training import train_state
 from tqdm.auto import tqdm
 
 import cifar10_data
-import cli
+import xai_cli as cli
 # Checkpoints live in their own module; these names stay importable from here too.
-from cli import describe_device  # noqa: F401 (also used by the reports)
+from xai_cli import describe_device  # noqa: F401 (also used by the reports)
 from checkpoints import (PRETRAINED, architecture_record, atomic_write,  # noqa: F401
                          default_checkpoint, describe_checkpoint, differences,
                          load_checkpoint, load_state, newest_state, read_state,

@@ -666,6 +666,7 @@ def explain(method, model, variables, images, targets=None, key=None, *, batch_s
     spec = METHODS[method]
     if spec.sampling and key is None:
         raise ValueError(f"key must be a jax.random.key for {method}, which samples, got None")
+    images = jnp.asarray(images)
     targets = (jnp.full((images.shape[0],), PREDICTED, jnp.int32) if targets is None
                else jnp.asarray(targets, jnp.int32))
     out = spec.fn(model, variables, images, targets, key, batch_size=batch_size,

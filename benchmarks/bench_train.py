@@ -22,7 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-import cli  # noqa: E402
+import xai_cli as cli  # noqa: E402
 import train_cifar10 as tc  # noqa: E402
 from cifar10_cnn_model import CIFAR10CNN  # noqa: E402
 

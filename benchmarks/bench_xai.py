@@ -35,11 +35,11 @@ import jax.numpy as jnp  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import cifar10_cnn_model as cm  # noqa: E402
-import cli  # noqa: E402
+import xai_cli as cli  # noqa: E402
 import xai_models  # noqa: E402
 import xai_visualizations as xv  # noqa: E402
 from cifar10_cnn_model import CONVS_PER_BLOCK, CIFAR10CNN  # noqa: E402
-from cli import describe_device  # noqa: E402
+from xai_cli import describe_device  # noqa: E402
 
 
 def time_call(fn, repeats, desc, quiet):

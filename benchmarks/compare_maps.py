@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import cifar10_data  # noqa: E402
-import cli  # noqa: E402
+import xai_cli as cli  # noqa: E402
 import xai_visualizations as xv  # noqa: E402
 
 try:  # where checkpoints are loaded from, before and after they got their own module

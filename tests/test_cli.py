@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-import cli
+import xai_cli as cli
 import demo_xai
 import evaluate_xai
 import train_cifar10 as tc
