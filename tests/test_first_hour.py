@@ -103,8 +103,8 @@ def test_a_newcomers_first_hour(run, tmp_path):
 
     # 4. the demo on the default checkpoint: the shipped one, not the smoke model
     report = json.loads((ROOT / "pretrained" / "cifar10_cnn.json").read_text())
-    out = run("demo_xai.py", "--num-images", "2", "--num-detailed", "1", "--num-eval", "20",
-              "--num-misclassified", "1", "--smoothgrad-samples", "2", "--ig-steps", "2")
+    out = run("demo_xai.py", "--num-images", "2", "--num-detailed", "0", "--num-eval", "20",
+              "--num-misclassified", "1")
     assert (f"explaining {ROOT / 'pretrained' / 'cifar10_cnn.pkl'} (the shipped checkpoint):"
             f" recorded test accuracy {report['test_accuracy_first1000']:.1%} on the first "
             f"1,000 test records, {report['test_accuracy']:.1%} on all") in out
