@@ -91,15 +91,36 @@ def _targetable(out) -> bool:
 
 def layers(model, variables, image_shape, apply_kwargs=None) -> Dict[str, Tuple[int, ...]]:
     """Every targetable layer of a linen model: {module path: output shape without the
-    batch axis}, in the order the forward pass runs them.
+    batch axis}, in the order the forward pass runs them. Traced once per model,
+    variables layout and image shape.
 
     Args:
         image_shape: (H, W, C) of one image, or (N, H, W, C).
     """
     shape = tuple(image_shape)
-    shape = (1,) + shape if len(shape) == 3 else shape
-    outputs, _ = _record_calls(model, variables, shape, apply_kwargs)
-    return {path: tuple(out.shape[1:]) for path, out in outputs.items() if _targetable(out)}
+    abstract, layout = _abstract(variables)
+    return dict(_layers_cached(model, _frozen(apply_kwargs), layout, abstract,
+                               (1,) + shape[-3:]))
+
+
+@functools.lru_cache(maxsize=256)
+def _layers_cached(model, apply_kwargs, layout, tree, image_shape):
+    variables = jax.tree.unflatten(tree, [jax.ShapeDtypeStruct(s, d) for s, d in layout])
+    outputs, _ = _record_calls(model, variables, image_shape, dict(apply_kwargs))
+    return tuple((path, tuple(out.shape[1:])) for path, out in outputs.items()
+                 if _targetable(out))
+
+
+def _frozen(apply_kwargs):
+    return tuple(sorted((apply_kwargs or {}).items()))
+
+
+def _abstract(variables):
+    """(tree structure, ((shape, dtype), ...)): a hashable stand-in for `variables`."""
+    leaves, tree = jax.tree.flatten(variables if variables is not None else {})
+    return tree, tuple((tuple(np.shape(v)), np.dtype(getattr(v, "dtype", None)
+                                                     or np.result_type(v)))
+                       for v in leaves)
 
 
 def describe_layers(found: Dict[str, Tuple[int, ...]]) -> str:
@@ -187,13 +208,6 @@ def as_grid(acts):
 # Checks of images and variables against the model, before anything is compiled.
 
 
-def _signature(tree):
-    """A hashable summary of a pytree's paths, shapes and dtypes."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return tuple((jax.tree_util.keystr(p), tuple(np.shape(v)), str(getattr(v, "dtype", "")))
-                 for p, v in leaves)
-
-
 def _paths(tree) -> Dict[str, tuple]:
     """{'collection/module/.../name': shape}, the 'params' collection first."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -203,10 +217,9 @@ def _paths(tree) -> Dict[str, tuple]:
 
 
 @functools.lru_cache(maxsize=256)
-def _check_cached(model, apply_kwargs, signature, variables_tree, image_shape):
+def _check_cached(model, apply_kwargs, layout, tree, image_shape):
     """The checks of `check_call` for one model, variables layout and image shape."""
-    variables = jax.tree.unflatten(variables_tree, [jax.ShapeDtypeStruct(s, d or "float32")
-                                                    for _, s, d in signature])
+    variables = jax.tree.unflatten(tree, [jax.ShapeDtypeStruct(s, d) for s, d in layout])
     kwargs = dict(apply_kwargs)
     name = model_name(model)
     x = jax.ShapeDtypeStruct(image_shape, jnp.float32)
@@ -253,13 +266,8 @@ def check_call(model, variables, images_shape, apply_kwargs=None) -> int:
     if is_module(model) and not hasattr(variables, "items"):
         raise TypeError(f"variables must be a dict of collections, such as {{'params': "
                         f"...}}, got {type(variables).__name__}")
-    leaves, tree = jax.tree_util.tree_flatten_with_path(variables if variables is not None
-                                                         else {})
-    signature = tuple((jax.tree_util.keystr(p), tuple(np.shape(v)),
-                       str(getattr(v, "dtype", ""))) for p, v in leaves)
-    return _check_cached(model, tuple(sorted((apply_kwargs or {}).items())), signature,
-                         jax.tree.structure(variables if variables is not None else {}),
-                         tuple(images_shape))
+    tree, layout = _abstract(variables)
+    return _check_cached(model, _frozen(apply_kwargs), layout, tree, tuple(images_shape))
 
 
 # ----------------------------------------------------------------------------------------
