@@ -133,10 +133,11 @@ def test_gradcam_matches_its_definition_on_the_real_model(tiny_model, tiny_varia
             a = block(pool2x2(a), train=False)
         return model.head(pool2x2(a), train=False)
 
-    def target_logit(act, c):
-        return tiny_model.apply(tiny_variables, act[None], method=rest)[0, c]
+    def target_logits(acts):  # examples are independent in eval mode
+        logits = tiny_model.apply(tiny_variables, acts, method=rest)
+        return jnp.take_along_axis(logits, targets[:, None], axis=1).sum()
 
-    grads = jax.vmap(jax.grad(target_logit))(acts, targets)
+    grads = jax.jit(jax.grad(target_logits))(acts)
     expected = jax.nn.relu(jnp.sum(jnp.mean(grads, axis=(1, 2))[:, None, None] * acts, -1))
     raw, _, _ = GradCAM(tiny_model, "conv1").compute_gradcam(
         *_pb(tiny_variables), images, targets, normalize=False)
@@ -175,14 +176,15 @@ def test_smoothgrad_averages_the_noisy_gradients(tiny_model, tiny_variables, ima
     key, n_samples, level = jax.random.key(5), 3, 0.2
     targets = jnp.asarray([0, 1, 2, 3, 4, 5, 6, 7])
     sigma = level * (images.max(axis=(1, 2, 3)) - images.min(axis=(1, 2, 3)))
+    grad_fn = lambda x, t: xv.input_gradients(tiny_model, tiny_variables, x, t)[0]
+    gradients = jax.jit(grad_fn)  # one compile for every noisy batch
     expected = 0
     for s in range(n_samples):
         noise = jax.random.normal(jax.random.fold_in(key, s), (32, 32, 3))
         noisy = images + sigma[:, None, None, None] * noise[None]
-        expected += xv.input_gradients(tiny_model, tiny_variables, noisy, targets)[0]
-    grad_fn = lambda x, t: xv.input_gradients(tiny_model, tiny_variables, x, t)[0]
-    got = xv.smooth_grad(grad_fn, images, targets, key, n_samples=n_samples,
-                         noise_level=level, batch_size=5)
+        expected += gradients(noisy, targets)
+    got = jax.jit(lambda x: xv.smooth_grad(grad_fn, x, targets, key, n_samples=n_samples,
+                                           noise_level=level, batch_size=5))(images)
     np.testing.assert_allclose(got, expected / n_samples, rtol=1e-4, atol=1e-7)
 
 
