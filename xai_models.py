@@ -217,15 +217,23 @@ def _paths(tree) -> Dict[str, tuple]:
 
 
 @functools.lru_cache(maxsize=256)
-def _check_cached(model, apply_kwargs, layout, tree, image_shape):
-    """The checks of `check_call` for one model, variables layout and image shape."""
+def abstract_variables(model, image_shape, apply_kwargs=()):
+    """The shapes and dtypes of `model.init` on images of `image_shape` (N, H, W, C),
+    without computing anything; `apply_kwargs` as sorted (name, value) pairs."""
+    x = jax.ShapeDtypeStruct(tuple(image_shape), jnp.float32)
+    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, **dict(apply_kwargs)), x)
+
+
+@functools.lru_cache(maxsize=256)
+def _check_cached(model, apply_kwargs, layout, tree, image_shape, layer):
+    """The checks of `check_call` for one model, variables layout, image shape and layer."""
     variables = jax.tree.unflatten(tree, [jax.ShapeDtypeStruct(s, d) for s, d in layout])
     kwargs = dict(apply_kwargs)
     name = model_name(model)
     x = jax.ShapeDtypeStruct(image_shape, jnp.float32)
     if is_module(model):
         try:
-            expected = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, **kwargs), x)
+            expected = abstract_variables(model, image_shape, apply_kwargs)
         except Exception as e:  # noqa: BLE001 - the model's own reason, in our words
             raise ValueError(f"image of shape {image_shape[1:]} does not fit {name}: "
                              f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
@@ -257,17 +265,25 @@ def _check_cached(model, apply_kwargs, layout, tree, image_shape):
             or logits.ndim != 2:
         raise ValueError(f"{name} must return logits (N, K) for images (N, H, W, C), got "
                          f"{jax.tree.map(lambda a: a.shape, logits)}")
+    if layer is not _NO_LAYER:
+        resolve_layer(model, variables, layer, image_shape, kwargs)
     return logits.shape[1]
 
 
-def check_call(model, variables, images_shape, apply_kwargs=None) -> int:
-    """Checks that `variables` and images of `images_shape` (N, H, W, C) fit `model`;
-    returns the number of classes. Runs once per model, variables layout and shape."""
+_NO_LAYER = object()  # check_call's default: no layer to check
+
+
+def check_call(model, variables, images_shape, apply_kwargs=None, layer=_NO_LAYER) -> int:
+    """Checks that `variables` and images of `images_shape` (N, H, W, C) fit `model`, and
+    `layer` (when given; None is the model's `explanation_layer`) is one of its layers;
+    returns the number of classes. Runs once per model, variables layout, shape and
+    layer; later calls cost a lookup."""
     if is_module(model) and not hasattr(variables, "items"):
         raise TypeError(f"variables must be a dict of collections, such as {{'params': "
                         f"...}}, got {type(variables).__name__}")
     tree, layout = _abstract(variables)
-    return _check_cached(model, _frozen(apply_kwargs), layout, tree, tuple(images_shape))
+    return _check_cached(model, _frozen(apply_kwargs), layout, tree, tuple(images_shape),
+                         layer)
 
 
 # ----------------------------------------------------------------------------------------

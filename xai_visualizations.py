@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xai_models import (as_grid, check_call, default_layer, forward, guided, guided_relu,
-                        is_module, layers, resolve_layer, split)
+from xai_models import (abstract_variables, as_grid, check_call, default_layer, forward,
+                        guided, guided_relu, is_module, layers, resolve_layer, split)
 
 __all__ = ["Attribution", "Explainer", "GradCAM", "IntegratedGradients", "METHODS",
            "Method", "Option", "PREDICTED", "SaliencyMap", "explain", "guided_relu",
@@ -697,17 +697,15 @@ def check_options(method, model, options, image_shape=None, variables=None,
                 tuple(value.shape[-3:]) != tuple(image_shape[-3:])):
             raise ValueError(f"{name} must have the images' shape {tuple(image_shape[-3:])},"
                              f" got {tuple(value.shape[-3:])}")
-    if "layer" in checked and is_module(model) and (
-            image_shape is not None or checked["layer"] is None and default_layer(model) is None):
-        if variables is None and image_shape is not None:
-            variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x,
-                                                            **dict(apply_kwargs or {})),
-                                       jax.ShapeDtypeStruct((1,) + tuple(image_shape[-3:]),
-                                                            jnp.float32))
+    if "layer" in checked and is_module(model):
         if image_shape is not None:
-            resolve_layer(model, variables, checked["layer"], (1,) + tuple(image_shape[-3:]),
-                          apply_kwargs, name=layer_name)
-        else:
+            shape = (1,) + tuple(image_shape[-3:])
+            if variables is None:
+                variables = abstract_variables(model, shape,
+                                               tuple(sorted((apply_kwargs or {}).items())))
+            resolve_layer(model, variables, checked["layer"], shape, apply_kwargs,
+                          name=layer_name)
+        elif checked["layer"] is None and default_layer(model) is None:
             raise ValueError(f"{layer_name} must be given: {type(model).__name__} declares "
                              "no explanation_layer; xai_visualizations.layers(model, "
                              "variables, image_shape) lists its layers")
@@ -812,10 +810,9 @@ class Explainer:
     def _inputs(self, params, batch_stats, image, target_class):
         variables = _variables(params, batch_stats)
         images, single = check_images(image)
-        num_classes = check_call(self.model, variables, images.shape, self.apply_kwargs)
-        if "layer" in self.options:
-            resolve_layer(self.model, variables, self.options["layer"], images.shape,
-                          self.apply_kwargs)
+        layer = {"layer": self.options["layer"]} if "layer" in self.options else {}
+        num_classes = check_call(self.model, variables, images.shape, self.apply_kwargs,
+                                 **layer)
         return variables, images, single, check_targets(target_class, len(images),
                                                         num_classes)
 
@@ -840,8 +837,8 @@ class Explainer:
         variables, images, single, targets = self._inputs(params, batch_stats, image,
                                                           target_class)
         seed = check_int("seed", seed, 0)
-        out = self._explain(variables, images, targets, jax.random.key(seed),
-                            normalize=bool(normalize))
+        key = jax.random.key(seed) if METHODS[self.method].sampling else None
+        out = self._explain(variables, images, targets, key, normalize=bool(normalize))
         return _outputs(*out, single)
 
     def visualize(self, image, heatmap, alpha=0.4, colormap="jet"):

@@ -36,7 +36,6 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import cifar10_cnn_model as cm  # noqa: E402
 import xai_cli as cli  # noqa: E402
-import xai_models  # noqa: E402
 import xai_visualizations as xv  # noqa: E402
 from cifar10_cnn_model import CONVS_PER_BLOCK, CIFAR10CNN  # noqa: E402
 from xai_cli import describe_device  # noqa: E402
@@ -229,11 +228,12 @@ def reference_runs(model, variables, images, samples):
         logit = lambda x: top_logit(x, lambda x: model.apply(variables, x[None])[0])
         return xv.normalize_maps(jnp.max(jnp.abs(jax.grad(logit)(x)), axis=-1))
 
-    features, head_from = xai_models.split(model, variables, "block3")
+    def head_from_block3(module, acts):  # the network after block 3, written out
+        return module.head(cm.pool2x2(acts), train=False)
 
     def gradcam(x):
-        acts = features(x[None])[0]
-        head = lambda a: head_from(x[None], a[None])[0]
+        acts = model.apply(variables, x[None], return_activations=True)[1]["conv3"][0]
+        head = lambda a: model.apply(variables, a[None], method=head_from_block3)[0]
         grads = jax.grad(lambda a: top_logit(a, head))(acts)
         cam = jax.nn.relu(jnp.sum(jnp.mean(grads, axis=(0, 1)) * acts, axis=-1))
         return xv.normalize_maps(jax.image.resize(cam, (32, 32), "bilinear"))
