@@ -14,7 +14,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 # Two workers, each taking whole files (so module fixtures and jitted functions are
 # built once): the suite is mostly XLA compilation, one core each (from a cold cache on
-# the 2-core CPU: 252-266 s for 292-293 tests, 2026-12-01).
+# the 2-core CPU: 282-319 s for 342 tests, 2026-12-01; see docs/tests.md).
 test: $(VENV)/.installed chromium
 	$(PY) -m pytest -n 2 --dist loadfile
 
