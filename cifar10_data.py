@@ -347,23 +347,26 @@ def map_batches(fn, arrays, batch_size: int, *, place=None, on_batch=None):
 
     The last batch is padded by repeating its first row, so every call has one shape
     and a jitted `fn` compiles once; the padding is cut from the outputs, which are
-    concatenated along the first axis. `place(batch)` puts a batch on the devices
-    (e.g. `jax.device_put` with a sharding); `on_batch(size)` is called after each
-    batch, e.g. a progress bar's `update`.
+    concatenated along the first axis. Arrays already on a device stay there, and the
+    outputs come back in one transfer at the end, so the calls are dispatched without
+    waiting for each other. `place(batch)` puts a batch on the devices (e.g.
+    `jax.device_put` with a sharding); `on_batch(size)` is called after each batch is
+    dispatched, e.g. a progress bar's `update`.
     """
     import jax  # noqa: PLC0415 (the data readers need no JAX)
+    import jax.numpy as jnp  # noqa: PLC0415
 
-    n = len(arrays[0])
+    def pad(part):
+        xp = jnp if isinstance(part, jax.Array) else np
+        return xp.concatenate([part, xp.repeat(part[:1], batch_size - len(part), axis=0)])
+
     outputs = []
-    for start in range(0, n, batch_size):
-        batch = [np.asarray(a[start:start + batch_size]) for a in arrays]
-        size = len(batch[0])
-        batch = [np.concatenate([b, np.repeat(b[:1], batch_size - size, axis=0)])
-                 for b in batch]
+    for start in range(0, len(arrays[0]), batch_size):
+        batch = [pad(a[start:start + batch_size]) for a in arrays]
+        size = min(batch_size, len(arrays[0]) - start)
         if place is not None:
             batch = place(batch)
-        outputs.append(jax.tree.map(lambda o: np.asarray(o)[:size], fn(*batch)))
+        outputs.append(jax.tree.map(lambda o: o[:size], fn(*batch)))
         if on_batch is not None:
             on_batch(size)
-    return jax.tree.map(lambda *o: np.concatenate(o), *outputs)
-
+    return jax.device_get(jax.tree.map(lambda *o: jnp.concatenate(o), *outputs))

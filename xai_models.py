@@ -62,9 +62,9 @@ def _path(context) -> str:
 
 
 def _record_calls(model, variables, images_shape, apply_kwargs=None):
-    """{path: output ShapeDtypeStruct} of every submodule `__call__`, in call order, and
-    how often each ran; traced abstractly with `jax.eval_shape`."""
-    outputs, calls = {}, {}
+    """{path: output ShapeDtypeStruct} of every submodule `__call__`, in the order the
+    calls start; traced abstractly with `jax.eval_shape`."""
+    outputs = {}
 
     def record(next_fun, args, kwargs, context):
         path = _path(context)
@@ -72,7 +72,6 @@ def _record_calls(model, variables, images_shape, apply_kwargs=None):
             return next_fun(*args, **kwargs)
         outputs.setdefault(path, None)  # in the order the calls start
         out = next_fun(*args, **kwargs)
-        calls[path] = calls.get(path, 0) + 1
         if outputs[path] is None:
             outputs[path] = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
                                          out)
@@ -81,7 +80,7 @@ def _record_calls(model, variables, images_shape, apply_kwargs=None):
     with nn.intercept_methods(record):
         jax.eval_shape(lambda v: forward(model, v, apply_kwargs)(
             jnp.zeros(images_shape, jnp.float32)), variables)
-    return outputs, calls
+    return outputs
 
 
 def _targetable(out) -> bool:
@@ -99,19 +98,20 @@ def layers(model, variables, image_shape, apply_kwargs=None) -> Dict[str, Tuple[
     """
     shape = tuple(image_shape)
     abstract, layout = _abstract(variables)
-    return dict(_layers_cached(model, _frozen(apply_kwargs), layout, abstract,
+    return dict(_layers_cached(model, frozen_kwargs(apply_kwargs), layout, abstract,
                                (1,) + shape[-3:]))
 
 
 @functools.lru_cache(maxsize=256)
 def _layers_cached(model, apply_kwargs, layout, tree, image_shape):
     variables = jax.tree.unflatten(tree, [jax.ShapeDtypeStruct(s, d) for s, d in layout])
-    outputs, _ = _record_calls(model, variables, image_shape, dict(apply_kwargs))
+    outputs = _record_calls(model, variables, image_shape, dict(apply_kwargs))
     return tuple((path, tuple(out.shape[1:])) for path, out in outputs.items()
                  if _targetable(out))
 
 
-def _frozen(apply_kwargs):
+def frozen_kwargs(apply_kwargs) -> tuple:
+    """`apply_kwargs` as sorted (name, value) pairs: hashable, for caches and jit."""
     return tuple(sorted((apply_kwargs or {}).items()))
 
 
@@ -241,7 +241,7 @@ def _check_cached(model, apply_kwargs, layout, tree, image_shape, layer):
         missing = [p for p in want if p not in got]
         extra = [p for p in got if p not in want]
         if missing or extra:
-            swapped = {k: v for k, v in variables.items()}
+            swapped = dict(variables)
             hint = ""
             if {"params", "batch_stats"} <= set(swapped):
                 swapped["params"], swapped["batch_stats"] = (swapped["batch_stats"],
@@ -282,7 +282,7 @@ def check_call(model, variables, images_shape, apply_kwargs=None, layer=_NO_LAYE
         raise TypeError(f"variables must be a dict of collections, such as {{'params': "
                         f"...}}, got {type(variables).__name__}")
     tree, layout = _abstract(variables)
-    return _check_cached(model, _frozen(apply_kwargs), layout, tree, tuple(images_shape),
+    return _check_cached(model, frozen_kwargs(apply_kwargs), layout, tree, tuple(images_shape),
                          layer)
 
 

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from xai_models import (abstract_variables, as_grid, check_call, default_layer, forward,
-                        guided, guided_relu, is_module, layers, resolve_layer, split)
+                        frozen_kwargs, guided, guided_relu, is_module, layers,
+                        resolve_layer, split)
 
 __all__ = ["Attribution", "Explainer", "GradCAM", "IntegratedGradients", "METHODS",
            "Method", "Option", "PREDICTED", "SaliencyMap", "explain", "guided_relu",
@@ -702,7 +703,7 @@ def check_options(method, model, options, image_shape=None, variables=None,
             shape = (1,) + tuple(image_shape[-3:])
             if variables is None:
                 variables = abstract_variables(model, shape,
-                                               tuple(sorted((apply_kwargs or {}).items())))
+                                               frozen_kwargs(apply_kwargs))
             resolve_layer(model, variables, checked["layer"], shape, apply_kwargs,
                           name=layer_name)
         elif checked["layer"] is None and default_layer(model) is None:
@@ -799,7 +800,7 @@ class Explainer:
         self.options = check_options(method, model, options, apply_kwargs=self.apply_kwargs)
         self.batch_size = check_int("batch_size", batch_size, 1)
         self._explain = jit_by_batch(functools.partial(
-            _scored, method, model, tuple(sorted(self.apply_kwargs.items())),
+            _scored, method, model, frozen_kwargs(self.apply_kwargs),
             self.batch_size, self.options), static_argnames="normalize")
 
     @property
@@ -913,7 +914,7 @@ class SaliencyMap:
     def __init__(self, model, *, apply_kwargs=None):
         self.model = model
         self._saliency = Explainer(model, "saliency", apply_kwargs=apply_kwargs)
-        kwargs = tuple(sorted(dict(apply_kwargs or {}).items()))
+        kwargs = frozen_kwargs(apply_kwargs)
         self._smooth = jit_by_batch(
             lambda variables, images, targets, key, normalize, n_samples, noise_level,
             batch_size: _scored("smoothgrad", model, kwargs, batch_size,
