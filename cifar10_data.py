@@ -357,6 +357,8 @@ def map_batches(fn, arrays, batch_size: int, *, place=None, on_batch=None):
     import jax.numpy as jnp  # noqa: PLC0415
 
     def pad(part):
+        if len(part) == batch_size:
+            return part
         xp = jnp if isinstance(part, jax.Array) else np
         return xp.concatenate([part, xp.repeat(part[:1], batch_size - len(part), axis=0)])
 
