@@ -20,22 +20,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cifar10_cnn_model import CIFAR10CNN, model_config
+from architectures import MODELS
 
-PRETRAINED = Path(__file__).resolve().parent / "pretrained" / "cifar10_cnn.pkl"
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+PRETRAINED = PRETRAINED_DIR / "cifar10_cnn.pkl"
 DEFAULT_ARCHITECTURE = "CIFAR10CNN"  # what files that record no architecture hold
-# name -> (class, `model -> constructor arguments`)
-ARCHITECTURES = {"CIFAR10CNN": CIFAR10CNN}
-_CONFIGS = {CIFAR10CNN: model_config}
+# What a checkpoint records: the class name -> its registry entry (architectures.MODELS).
+ARCHITECTURES = {entry.cls.__name__: entry for entry in MODELS.values()}
 
 
 def architecture_record(model) -> tuple:
-    """(name, constructor arguments) that rebuild `model` from a checkpoint."""
-    for name, kind in ARCHITECTURES.items():
-        if type(model) is kind:
-            return name, _CONFIGS[kind](model)
+    """(class name, constructor arguments) that rebuild `model` from a checkpoint."""
+    for name, entry in ARCHITECTURES.items():
+        if type(model) is entry.cls:
+            return name, entry.config(model)
     raise TypeError(f"model must be one of the architectures {tuple(ARCHITECTURES)} to be "
                     f"saved, got {type(model).__name__}")
+
+
+def pretrained_checkpoints() -> dict:
+    """{registry name: path} of the shipped checkpoints: `pretrained/cifar10_cnn.pkl`
+    for the CNN, `pretrained/<name>.pkl` for the others, where the file exists."""
+    paths = {name: PRETRAINED if name == "cnn" else PRETRAINED_DIR / f"{name}.pkl"
+             for name in MODELS}
+    return {name: path for name, path in paths.items() if path.is_file()}
 
 
 # ---------------------------------------------------------------- files
@@ -152,8 +160,8 @@ def load_checkpoint(path=None):
 
     Returns:
       (model, variables): the rebuilt model (the architecture the file records,
-      `CIFAR10CNN` when it records none) and {'params', 'batch_stats'}, ready
-      for `model.apply(variables, images)`.
+      `CIFAR10CNN` when it records none) and {'params', 'batch_stats'} ({'params'}
+      for a model without BatchNorm), ready for `model.apply(variables, images)`.
     """
     if path is None:
         path = default_checkpoint()
@@ -175,7 +183,8 @@ def load_checkpoint(path=None):
         config = checkpoint["config"]
         architecture = config.get("architecture", DEFAULT_ARCHITECTURE)
         fields = dict(config["model"])
-        variables = {k: checkpoint[k] for k in ("params", "batch_stats")}
+        variables = {k: checkpoint[k] for k in ("params", "batch_stats")
+                     if k == "params" or checkpoint[k]}  # a model without BatchNorm has none
     except Exception as e:
         raise ValueError(f"checkpoint {str(path)!r} is not a readable cifar10-xai "
                          f"checkpoint ({type(e).__name__}: {e})") from None
@@ -184,7 +193,7 @@ def load_checkpoint(path=None):
                          f"architecture this version does not know; it knows "
                          f"{tuple(ARCHITECTURES)}")
     try:
-        model = ARCHITECTURES[architecture](**fields)
+        model = ARCHITECTURES[architecture].cls(**fields)
     except TypeError as e:
         raise ValueError(f"checkpoint {str(path)!r} holds another architecture: its model "
                          f"config {fields} does not build a {architecture} ({e})") from None
@@ -221,8 +230,9 @@ def _check_structure(path, model, variables):
     example = (1,) + tuple(getattr(model, "input_shape", (32, 32, 3)))
     expected = jax.eval_shape(model.init, jax.random.key(0),
                               jax.ShapeDtypeStruct(example, jnp.float32))
+    expected = {k: expected.get(k, {}) for k in ("params", "batch_stats")}  # no sown values
     want = {jax.tree_util.keystr(p): v for p, v in
-            jax.tree_util.tree_flatten_with_path(dict(expected))[0]}
+            jax.tree_util.tree_flatten_with_path(expected)[0]}
     try:
         got = {jax.tree_util.keystr(p): v for p, v in
                jax.tree_util.tree_flatten_with_path(variables)[0]}

@@ -44,7 +44,7 @@ from checkpoints import (PRETRAINED, architecture_record, atomic_write,  # noqa:
                          default_checkpoint, describe_checkpoint, differences,
                          load_checkpoint, load_state, newest_state, read_state,
                          save_checkpoint, save_state, shown)
-from cifar10_cnn_model import CIFAR10CNN
+from architectures import MODELS
 from cifar10_data import EXACT_TEST_RECORDS
 
 # What each recipe sets; flags override only the learning rate.
@@ -59,6 +59,13 @@ RECIPES = {
     "default": dict(lr=0.1, weight_decay=5e-3, label_smoothing=0.1, augment=True,
                     warmup_fraction=0.15),
 }
+# Where an architecture's default recipe differs from the CNN's. The ViT takes AdamW
+# (transformers train badly with SGD), its usual decoupled weight decay of 0.05 on the
+# kernels, a 10 % warmup and gradient clipping at global norm 1.
+MODEL_RECIPES = {
+    "vit": dict(optimizer="adamw", lr=1e-3, weight_decay=0.05, warmup_fraction=0.1,
+                clip_norm=1.0),
+}
 PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
 
@@ -68,9 +75,11 @@ def _help(text, **kwargs):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    recipe: str = _help("training recipe; 'default': SGD-Nesterov, warmup + cosine, "
-                        "augmentation, label smoothing; 'seed': the seed's Adam at 1e-3",
-                        default="default")
+    model: str = _help("architecture: 'cnn' (the seed's), 'resnet20' or 'vit'",
+                       default="cnn")
+    recipe: str = _help("training recipe; 'default': SGD-Nesterov (AdamW for the ViT), "
+                        "warmup + cosine, augmentation, label smoothing; 'seed': the "
+                        "seed's Adam at 1e-3", default="default")
     epochs: int = _help("number of passes over the training split", default=50)
     batch_size: int = _help("images per training step", default=128)
     lr: Optional[float] = _help("peak learning rate; default: the recipe's (default 0.1, "
@@ -81,8 +90,10 @@ class TrainConfig:
     val_fraction: float = _help("fraction of the training set held out for validation",
                                 default=0.1)
     train_subset: Optional[int] = _help("use only the first N training images", default=None)
-    width: int = _help("channels of the first block (64 is the reference network)",
-                       default=64)
+    width: Optional[int] = _help(
+        "the model's width; default: the architecture's ("
+        + "; ".join(f"{name}: {entry.width_help}" for name, entry in MODELS.items()) + ")",
+        default=None)
     precision: str = _help("'fp32', or 'bf16': convs and Dense layers in bfloat16 (for "
                            "GPUs), BatchNorm, the loss and the parameters in float32",
                            default="fp32")
@@ -128,7 +139,8 @@ class TrainConfig:
             "val_fraction": (0 <= self.val_fraction < 1, "in [0, 1)"),
             "train_subset": (self.train_subset is None or self.train_subset >= 1,
                              ">= 1 or None"),
-            "width": (self.width >= 1, ">= 1"),
+            "model": (self.model in MODELS, f"one of {tuple(MODELS)}"),
+            "width": (self.width is None or self.width >= 1, ">= 1 or None"),
             "steps_per_call": (self.steps_per_call is None or self.steps_per_call >= 0,
                                ">= 0 or None"),
             "recipe": (self.recipe in RECIPES, f"one of {tuple(RECIPES)}"),
@@ -155,8 +167,11 @@ class TrainState(train_state.TrainState):
 
 
 def recipe(config: TrainConfig) -> dict:
-    """The recipe's settings, with `config.lr` when given."""
-    settings = dict(RECIPES[config.recipe])
+    """The recipe's settings for the config's model, with `config.lr` when given."""
+    settings = dict(optimizer="adam" if config.recipe == "seed" else "sgd", clip_norm=None,
+                    **RECIPES[config.recipe])
+    if config.recipe == "default":
+        settings.update(MODEL_RECIPES.get(config.model, {}))
     if config.lr is not None:
         settings["lr"] = config.lr
     return settings
@@ -171,13 +186,17 @@ def _is_kernel(params):
 def create_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
     """The recipe's optimiser; `total_steps` sizes the 'default' schedule."""
     settings = recipe(config)
-    if config.recipe == "seed":
+    if settings["optimizer"] == "adam":
         return optax.adam(settings["lr"])
     warmup = max(1, int(settings["warmup_fraction"] * total_steps))
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, settings["lr"], warmup, max(total_steps, warmup + 1), end_value=0.0)
+    direction = (optax.scale_by_adam() if settings["optimizer"] == "adamw"
+                 else optax.trace(decay=0.9, nesterov=True))
+    clip = ([optax.clip_by_global_norm(settings["clip_norm"])] if settings["clip_norm"]
+            else [])
     return optax.chain(
-        optax.trace(decay=0.9, nesterov=True),
+        *clip, direction,
         optax.add_decayed_weights(settings["weight_decay"], mask=_is_kernel),
         optax.scale_by_learning_rate(schedule))
 
@@ -204,7 +223,7 @@ def create_train_state(model, config: TrainConfig, key, total_steps: int = 1) ->
     init_key, dropout_key = jax.random.split(key)
     variables = jax.jit(model.init)(init_key, jnp.zeros((1, 32, 32, 3), jnp.float32))
     return TrainState.create(apply_fn=model.apply, params=variables["params"],
-                             batch_stats=variables["batch_stats"],
+                             batch_stats=variables.get("batch_stats", {}),
                              tx=create_optimizer(config, total_steps),
                              dropout_key=dropout_key)
 
@@ -229,7 +248,7 @@ def _train_step(state: TrainState, batch, augmented=False, label_smoothing=0.0):
             loss = optax.softmax_cross_entropy(logits, targets)
         else:
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-        return loss.mean(), (logits, updates["batch_stats"])
+        return loss.mean(), (logits, updates.get("batch_stats", {}))
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
@@ -375,8 +394,19 @@ RUN_FIELDS = ("recipe", "epochs", "batch_size", "lr", "seed", "val_fraction", "t
 
 
 def run_settings(config: TrainConfig) -> dict:
-    """The settings that shape the run, as its training states record them."""
-    return {k: getattr(config, k) for k in RUN_FIELDS}
+    """The settings that shape the run, as its training states record them: the width
+    resolved to the model's default, and the model named only when it is not the CNN
+    (so the CNN's runs keep the folders and states they had before the zoo)."""
+    settings = {k: getattr(config, k) for k in RUN_FIELDS}
+    settings["width"] = build_model(config).width
+    if config.model != "cnn":
+        settings["model"] = config.model
+    return settings
+
+
+def build_model(config: TrainConfig):
+    """The config's architecture at its width and precision."""
+    return MODELS[config.model].build(config.width, dtype=PRECISIONS[config.precision])
 
 
 def _differences(saved: dict, config: TrainConfig) -> dict:
@@ -444,6 +474,7 @@ def _other_runs(config: TrainConfig) -> str:
         try:
             settings = read_state(saved)["config"]
             other = dataclasses.replace(config, **{k: settings[k] for k in RUN_FIELDS},
+                                        model=settings.get("model", "cnn"),
                                         checkpoint_dir=str(folder), resume=True)
         except (ValueError, TypeError, KeyError):
             continue
@@ -512,8 +543,8 @@ def train_and_evaluate(config: TrainConfig, *, model=None, data=None):
 
     Args:
       config: the run's hyperparameters.
-      model: the module to train; default a `CIFAR10CNN` of `config.width` and
-        `config.precision`.
+      model: the module to train; default `build_model(config)`, the architecture
+        `config.model` of `config.width` and `config.precision`.
       data: a `cifar10_data.Cifar10`; default `load_cifar10(config.data_dir)`.
 
     Returns:
@@ -527,7 +558,7 @@ def train_and_evaluate(config: TrainConfig, *, model=None, data=None):
         print(f"training states: {config.checkpoint_dir}/; if the run stops, resume it "
               f"with: {command_line(config)}", flush=True)
     if model is None:
-        model = CIFAR10CNN(width=config.width, dtype=PRECISIONS[config.precision])
+        model = build_model(config)
     if data is None:
         data = cifar10_data.load_cifar10(config.data_dir)
     images, labels = data.train_images, data.train_labels
@@ -665,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
         if typing.get_origin(kind) is typing.Union:
             kind = typing.get_args(kind)[0]
         parser.add_argument(flag, type=kind, default=None,
-                            choices={"recipe": tuple(RECIPES),
+                            choices={"recipe": tuple(RECIPES), "model": tuple(MODELS),
                                      "precision": tuple(PRECISIONS)}.get(field.name),
                             help=field.metadata["help"] + (
                                 f" (default: {field.default})" if field.default is not None

@@ -1,0 +1,323 @@
+"""The model zoo: the seed's CNN, a CIFAR ResNet-20 and a small Vision Transformer.
+
+Every model takes float NHWC images in [0, 1] and standardises them itself with the
+CIFAR-10 training mean and std (`standardize`), returns (N, num_classes) float32 logits,
+takes `train` as a keyword, and declares what explainers read: its default layer to
+explain (`explanation_layer`) and the image shape it was built for (`input_shape`).
+
+    MODELS["resnet20"].build(width=16)   # a model by its registry name
+
+Module paths (`xai_visualizations.layers(model, variables)` lists them with shapes):
+    ResNet20: stem, stage1..stage3 (each block1..block3), head
+    ViT:      patch_embed, encoder/layer_0..layer_{depth-1}, encoder/norm, head
+"""
+
+from typing import Any, Callable, ClassVar, NamedTuple, Optional, Tuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from cifar10_cnn_model import CIFAR10_MEAN, CIFAR10_STD, CIFAR10CNN, model_config
+
+
+def standardize(x):
+    """(x - mean) / std per channel, with the CIFAR-10 training statistics."""
+    return ((x - jnp.reshape(jnp.asarray(CIFAR10_MEAN), (1, 1, 1, 3)))
+            / jnp.reshape(jnp.asarray(CIFAR10_STD), (1, 1, 1, 3)))
+
+
+def check_images(x, model: str, multiple: int):
+    """Refuses anything but a float batch (N, H, W, 3) with H and W multiples of
+    `multiple`; reads only the static shape and dtype, so it works under jit."""
+    shape = tuple(getattr(x, "shape", ()))
+    if len(shape) != 4 or shape[-1] != 3 or shape[0] == 0:
+        raise ValueError(f"{model} input x must be a batch of RGB images (N, H, W, 3) with "
+                         f"N >= 1, got shape {shape}")
+    if shape[1] % multiple or shape[2] % multiple or 0 in shape[1:3]:
+        raise ValueError(f"{model} input height and width must be positive multiples of "
+                         f"{multiple}, got {shape[1]}x{shape[2]}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{model} input x must be float images in [0, 1], got dtype "
+                        f"{x.dtype} (divide uint8 images by 255 first)")
+
+
+def _check_fields(model: str, **rules):
+    """rules: name -> (value, ok, expected)."""
+    for name, (value, ok, expected) in rules.items():
+        if not ok:
+            raise ValueError(f"{model} {name} must be {expected}, got {value!r}")
+
+
+def _positive_int(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+# ---------------------------------------------------------------- ResNet-20
+
+# He et al. (2016), section 4.2: fan-out He initialisation for the convolutions.
+_he_normal = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class BasicBlock(nn.Module):
+    """relu(bn(conv(relu(bn(conv(x))))) + shortcut(x)), 3x3 convs.
+
+    The shortcut is option A of He et al.: the identity, or, where the block halves the
+    resolution and doubles the channels, the input subsampled by 2 and zero-padded in
+    the channels. It has no parameters, so the network's 0.27 M are the paper's.
+    """
+
+    features: int
+    stride: int = 1
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        conv = lambda stride, name: nn.Conv(  # noqa: E731
+            self.features, (3, 3), (stride, stride), padding=1, use_bias=False,
+            kernel_init=_he_normal, dtype=self.dtype, name=name)
+        self.conv1, self.conv2 = conv(self.stride, "conv1"), conv(1, "conv2")
+        self.bn1, self.bn2 = (nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=jnp.float32,
+                                           name=name) for name in ("bn1", "bn2"))
+
+    def shortcut(self, x):
+        """Option A: subsample and zero-pad the channels where the shape changes."""
+        if self.stride > 1:
+            x = x[:, ::self.stride, ::self.stride]
+        extra = self.features - x.shape[-1]
+        if extra:
+            x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+        return x
+
+    def branch(self, x, *, train: bool):
+        y = nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
+        return self.bn2(self.conv2(y), use_running_average=not train)
+
+    def __call__(self, x, *, train: bool = False):
+        return nn.relu(self.branch(x, train=train) + self.shortcut(x))
+
+
+class Stage(nn.Module):
+    """`blocks` basic blocks; the first one strides by `stride`."""
+
+    features: int
+    blocks: int
+    stride: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        for i in range(self.blocks):
+            x = BasicBlock(self.features, self.stride if i == 0 else 1, self.dtype,
+                           name=f"block{i + 1}")(x, train=train)
+        return x
+
+
+class Stem(nn.Module):
+    """The first 3x3 conv, BatchNorm and ReLU."""
+
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        x = nn.Conv(self.features, (3, 3), padding=1, use_bias=False, kernel_init=_he_normal,
+                    dtype=self.dtype)(x)
+        return nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                                    dtype=jnp.float32)(x))
+
+
+class ResNet20(nn.Module):
+    """The CIFAR ResNet of He et al. (2016), n = 3 (20 layers, 0.27 M parameters).
+
+    A 3x3 conv with `width` channels, three stages of `blocks_per_stage` basic blocks
+    with `width`, 2 `width` and 4 `width` channels (stride 2 at stages 2 and 3), global
+    average pooling and a Dense layer.
+    """
+
+    num_classes: int = 10
+    width: int = 16
+    blocks_per_stage: int = 3
+    dtype: Any = jnp.float32
+    explanation_layer: ClassVar[str] = "stage3"
+    input_shape: ClassVar[Tuple[int, int, int]] = (32, 32, 3)
+
+    def setup(self):
+        _check_fields("ResNet20", num_classes=(self.num_classes, _positive_int(self.num_classes),
+                                               "an int >= 1"),
+                      width=(self.width, _positive_int(self.width), "an int >= 1"),
+                      blocks_per_stage=(self.blocks_per_stage,
+                                        _positive_int(self.blocks_per_stage), "an int >= 1"))
+        self.stem = Stem(self.width, self.dtype)
+        self.stages = [Stage(self.width * 2**i, self.blocks_per_stage, 1 if i == 0 else 2,
+                             self.dtype, name=f"stage{i + 1}") for i in range(3)]
+        self.head = nn.Dense(self.num_classes, dtype=self.dtype)
+
+    def __call__(self, x, *, train: bool = False):
+        check_images(x, "ResNet20", 4)
+        x = self.stem(standardize(x), train=train)
+        for stage in self.stages:
+            x = stage(x, train=train)
+        return self.head(jnp.mean(x, axis=(1, 2))).astype(jnp.float32)
+
+
+# ---------------------------------------------------------------- Vision Transformer
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention that keeps its attention probabilities: they are sown
+    as `intermediates/.../attention` (N, heads, T, T), which attention rollout reads."""
+
+    heads: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        n, t, d = x.shape
+        qkv = nn.DenseGeneral((3, self.heads, d // self.heads), dtype=self.dtype,
+                              name="qkv")(x)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (N, T, H, D/H)
+        logits = jnp.einsum("nqhd,nkhd->nhqk", q, k) / jnp.sqrt(d // self.heads).astype(
+            self.dtype)
+        probs = nn.softmax(logits.astype(jnp.float32), axis=-1)
+        self.sow("intermediates", "attention", probs)
+        out = jnp.einsum("nhqk,nkhd->nqhd", probs.astype(self.dtype), v)
+        return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="out")(out)
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm transformer layer: x + attn(ln(x)), then x + mlp(ln(x)) with GELU."""
+
+    heads: int
+    mlp_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        d = x.shape[-1]
+        x = x + SelfAttention(self.heads, self.dtype, name="attention")(
+            nn.LayerNorm(dtype=jnp.float32, name="norm1")(x))
+        y = nn.LayerNorm(dtype=jnp.float32, name="norm2")(x)
+        y = nn.Dense(self.mlp_dim, dtype=self.dtype, name="mlp1")(y)
+        y = nn.Dense(d, dtype=self.dtype, name="mlp2")(nn.gelu(y))
+        return x + y
+
+
+class Encoder(nn.Module):
+    depth: int
+    heads: int
+    mlp_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        for i in range(self.depth):
+            x = EncoderLayer(self.heads, self.mlp_dim, self.dtype, name=f"layer_{i}")(
+                x, train=train)
+        return nn.LayerNorm(dtype=jnp.float32, name="norm")(x)
+
+
+class ViT(nn.Module):
+    """A small Vision Transformer for 32x32 images (Dosovitskiy et al. 2021).
+
+    Patches of `patch` x `patch` pixels (64 tokens at patch 4) embedded to `width`, a
+    class token, learned position embeddings, `depth` pre-norm layers of `heads` heads
+    and an MLP of `mlp_ratio` x `width`, a final LayerNorm, and a Dense head on the
+    class token. The explanation layer is the last layer's tokens (N, 65, width) as its
+    attention reads them; the explainers drop the class token and lay the 64 others on
+    their 8 x 8 grid.
+    """
+
+    num_classes: int = 10
+    width: int = 128
+    depth: int = 6
+    heads: int = 4
+    mlp_ratio: int = 2
+    patch: int = 4
+    dtype: Any = jnp.float32
+    input_shape: ClassVar[Tuple[int, int, int]] = (32, 32, 3)
+
+    @property
+    def explanation_layer(self) -> str:
+        """The last layer's tokens as its attention reads them (its first LayerNorm's
+        output), as pytorch-grad-cam does for ViTs. The last layer's *output* would not
+        do: the head reads only the class token there, so the patch tokens' gradients
+        are exactly zero."""
+        return f"encoder/layer_{self.depth - 1}/norm1"
+
+    def setup(self):
+        _check_fields(
+            "ViT", num_classes=(self.num_classes, _positive_int(self.num_classes),
+                                "an int >= 1"),
+            width=(self.width, _positive_int(self.width) and self.width % self.heads == 0,
+                   f"a positive multiple of heads={self.heads}"),
+            depth=(self.depth, _positive_int(self.depth), "an int >= 1"),
+            heads=(self.heads, _positive_int(self.heads), "an int >= 1"),
+            mlp_ratio=(self.mlp_ratio, _positive_int(self.mlp_ratio), "an int >= 1"),
+            patch=(self.patch, _positive_int(self.patch), "an int >= 1"))
+        tokens = (self.input_shape[0] // self.patch) * (self.input_shape[1] // self.patch)
+        self.patch_embed = nn.Conv(self.width, (self.patch, self.patch),
+                                   (self.patch, self.patch), padding="VALID", dtype=self.dtype)
+        self.cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
+        self.pos_embed = self.param("pos_embed", nn.initializers.normal(0.02),
+                                    (1, tokens + 1, self.width))
+        self.encoder = Encoder(self.depth, self.heads, self.mlp_ratio * self.width, self.dtype)
+        self.head = nn.Dense(self.num_classes, dtype=self.dtype)
+
+    def __call__(self, x, *, train: bool = False):
+        check_images(x, "ViT", self.patch)
+        expected = self.pos_embed.shape[1] - 1
+        x = self.patch_embed(standardize(x))
+        n, h, w, d = x.shape
+        if h * w != expected:
+            raise ValueError(f"ViT input must be {self.input_shape[0]}x"
+                             f"{self.input_shape[1]} ({expected} patches of {self.patch}x"
+                             f"{self.patch}), got {h * self.patch}x{w * self.patch}")
+        x = jnp.concatenate([jnp.broadcast_to(self.cls, (n, 1, d)).astype(x.dtype),
+                             x.reshape(n, h * w, d)], axis=1)
+        x = self.encoder(x + self.pos_embed.astype(x.dtype), train=train)
+        return self.head(x[:, 0]).astype(jnp.float32)
+
+
+# ---------------------------------------------------------------- registry
+
+
+def _fields(*names):
+    return lambda model: {name: getattr(model, name) for name in names}
+
+
+class Architecture(NamedTuple):
+    """A registry entry: the class, its constructor arguments as a checkpoint records
+    them (`config(model)`), and what `--width` means for it."""
+
+    cls: type
+    config: Callable[[Any], dict]
+    width_help: str
+    paper: str
+
+    def build(self, width: Optional[int] = None, **kwargs):
+        """The model, with `width` (None: the architecture's default) and any other
+        constructor arguments."""
+        if width is not None:
+            kwargs["width"] = width
+        return self.cls(**kwargs)
+
+
+MODELS = {
+    "cnn": Architecture(CIFAR10CNN, model_config, "channels of block 1 (default 64)",
+                        "the seed's VGG-style CNN"),
+    "resnet20": Architecture(ResNet20, _fields("num_classes", "width", "blocks_per_stage"),
+                             "channels of stage 1 (default 16)",
+                             "He et al. 2016, Deep Residual Learning, sec. 4.2"),
+    "vit": Architecture(ViT, _fields("num_classes", "width", "depth", "heads", "mlp_ratio",
+                                     "patch"),
+                        "the token width (default 128)",
+                        "Dosovitskiy et al. 2021, An Image is Worth 16x16 Words"),
+}
+
+
+def registry_name(model) -> str:
+    """The registry name of `model`'s architecture ('cnn', 'resnet20', 'vit')."""
+    for name, entry in MODELS.items():
+        if type(model) is entry.cls:
+            return name
+    raise TypeError(f"model must be one of the architectures {tuple(MODELS)}, got "
+                    f"{type(model).__name__}")
