@@ -365,8 +365,8 @@ def _eval_guided(jaxpr, consts, *args):
             outs = [guided_relu(read(relu_in))]
         elif inner and any(count_relus(_closed(j)[0]) for j in inner):
             if eqn.primitive.name not in _CALLS or len(inner) != 1:
-                raise TypeError(f"Guided Backprop cannot rewrite the ReLUs inside a "
-                                f"`{eqn.primitive.name}` (a loop or branch) of the model")
+                raise UnguidedError(f"Guided Backprop cannot rewrite the ReLUs inside a "
+                                    f"`{eqn.primitive.name}` (a loop or branch) of the model")
             outs = _eval_guided(*_closed(inner[0]), *map(read, eqn.invars))
         else:
             bound = eqn.primitive.get_bind_params(eqn.params)
@@ -377,6 +377,11 @@ def _eval_guided(jaxpr, consts, *args):
             if not isinstance(var, jex.DropVar):
                 env[var] = value
     return [read(v) for v in jaxpr.outvars]
+
+
+class UnguidedError(TypeError):
+    """A program Guided Backprop cannot explain: no ReLU, or ReLUs inside a loop or a
+    branch."""
 
 
 def guided(fn: Callable) -> Callable:
@@ -390,7 +395,7 @@ def guided(fn: Callable) -> Callable:
     def guided_fn(x):
         closed = jax.make_jaxpr(fn)(x)
         if not count_relus(closed.jaxpr):
-            raise TypeError("Guided Backprop needs a ReLU network, and the model's program "
+            raise UnguidedError("Guided Backprop needs a ReLU network, and the model's program "
                             "has no ReLU (jax.nn.relu or max(x, 0))")
         (out,) = _eval_guided(closed.jaxpr, closed.consts, x)
         return out

@@ -1,6 +1,6 @@
 """Explainers for any Flax model, batch-first and jitted: Grad-CAM, Grad-CAM++, saliency,
-SmoothGrad, Gradient x Input, Integrated Gradients, occlusion, RISE, Guided Backprop and
-Guided Grad-CAM.
+SmoothGrad, Gradient x Input, Integrated Gradients, occlusion, RISE, Guided Backprop,
+Guided Grad-CAM and, for attention models, attention rollout.
 
 Shapes: images are float NHWC in [0, 1], (N, H, W, C) at the size the model takes; maps
 are (N, H, W). Targets are int32 (N,), one class per example; `PREDICTED` (-1) means
@@ -23,20 +23,22 @@ bind the model and call one function jitted once in `__init__`.
 """
 
 import functools
+import math
 import numbers
 from typing import Any, Callable, Dict, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from xai_models import (abstract_variables, as_grid, check_call, default_layer, forward,
-                        frozen_kwargs, guided, guided_relu, is_module, layers,
-                        resolve_layer, split)
+                        UnguidedError, frozen_kwargs, guided, guided_relu, is_module,
+                        layers, model_name, resolve_layer, split)
 
 __all__ = ["Attribution", "Explainer", "GradCAM", "IntegratedGradients", "METHODS",
            "Method", "Option", "PREDICTED", "SaliencyMap", "explain", "guided_relu",
-           "layers", "normalize_maps", "overlay"]
+           "layers", "normalize_maps", "overlay", "unsupported"]
 
 PREDICTED = -1
 EPS = 1e-8
@@ -407,6 +409,91 @@ def guided_grad_cam(model, variables, images, targets, key=None, *, layer=None,
     return Attribution(grads * cams[..., None], logits, targets)
 
 
+def attention_probabilities(model, variables, images, apply_kwargs=None):
+    """(logits, [(N, heads, T, T), ...]): the attention probabilities a model sows as
+    `intermediates` named 'attention', in the order its layers ran (as
+    `architectures.SelfAttention` does); an empty list when it sows none."""
+    logits, state = model.apply(variables, images, mutable=["intermediates"],
+                                **dict(apply_kwargs or {}))
+    flat = traverse_util.flatten_dict(state.get("intermediates", {}))
+    return logits, [a for path, values in flat.items() if path[-1] == "attention"
+                    for a in values]
+
+
+def attention_rollout(model, variables, images, targets, key=None, *, head_fusion="mean",
+                      batch_size=None, apply_kwargs=None):
+    """Attention rollout (Abnar & Zuidema 2020): how much each patch flows into the
+    token the classifier reads, through every layer's attention and residual path.
+
+    Each layer's attention is fused over its heads (`head_fusion`: the paper's mean, or
+    max or min), mixed with the identity for the residual connection, Â = ½A + ½I, and
+    renormalised per row; the rollout is Â_L ⋯ Â_1. The map is the class token's row over
+    the patch tokens (T − 1 = s²), or, for a mean-pooled model (T = s²), the mean of all
+    rows, laid on the s × s grid and upsampled bilinearly to the image size. It does not
+    depend on the class: `targets` are only resolved and returned.
+
+    Returns:
+        Attribution with maps (N, H, W) >= 0.
+    """
+    logits, attentions = attention_probabilities(model, variables, images, apply_kwargs)
+    fuse = {"mean": jnp.mean, "max": jnp.max, "min": jnp.min}[head_fusion]
+    tokens = attentions[0].shape[-1]
+    rollout = jnp.eye(tokens)[None]
+    for a in attentions:
+        a = 0.5 * fuse(a, axis=1) + 0.5 * jnp.eye(tokens)[None]
+        rollout = (a / jnp.sum(a, axis=-1, keepdims=True)) @ rollout
+    side = math.isqrt(tokens - 1)
+    if side * side == tokens - 1:  # a class token first
+        flow = rollout[:, 0, 1:]
+    else:
+        side = math.isqrt(tokens)
+        flow = jnp.mean(rollout, axis=1)
+    grid = flow.reshape(-1, side, side)
+    maps = jax.image.resize(grid, images.shape[:3], method="bilinear")
+    return Attribution(maps, logits, resolve_targets(logits, targets))
+
+
+def _needs_relu(model, image_shape, apply_kwargs):
+    """Why Guided Backprop cannot explain `model`, or None when it can."""
+    variables = abstract_variables(model, image_shape, frozen_kwargs(apply_kwargs))
+    try:
+        jax.eval_shape(lambda v, x: guided(forward(model, v, apply_kwargs))(x), variables,
+                       jax.ShapeDtypeStruct(image_shape, jnp.float32))
+    except UnguidedError as e:
+        return str(e)
+    return None
+
+
+def _needs_attention(model, image_shape, apply_kwargs):
+    """Why attention rollout cannot explain `model`, or None when it can."""
+    if not is_module(model):
+        return "attention rollout needs a linen model that sows its attention"
+    variables = abstract_variables(model, image_shape, frozen_kwargs(apply_kwargs))
+    _, attentions = jax.eval_shape(
+        lambda v, x: attention_probabilities(model, v, x, apply_kwargs), variables,
+        jax.ShapeDtypeStruct(image_shape, jnp.float32))
+    if not attentions:
+        return (f"attention rollout needs a model that sows its attention probabilities "
+                f"(N, heads, T, T) as intermediates named 'attention', as "
+                f"architectures.ViT does; {model_name(model)} sows none")
+    tokens = attentions[0].shape[-1]
+    if not any(math.isqrt(t) ** 2 == t for t in (tokens, tokens - 1)):
+        return (f"attention rollout lays the tokens on a square grid, but "
+                f"{model_name(model)} has {tokens} tokens (neither T nor T - 1 is square)")
+    return None
+
+
+def unsupported(method, model, image_shape=None, apply_kwargs=None) -> Optional[str]:
+    """Why `method` cannot explain `model` (e.g. Guided Backprop without ReLUs, attention
+    rollout without attention), or None when it can. `image_shape` is one image's
+    (H, W, C); default the model's declared `input_shape`."""
+    requires = METHODS[method].requires
+    image_shape = image_shape or getattr(model, "input_shape", None)
+    if requires is None or image_shape is None:
+        return None
+    return requires(model, (1,) + tuple(image_shape[-3:]), apply_kwargs)
+
+
 def reduce_channels(grads):
     """|grads| maxed over the colour channels: (N, H, W, C) -> (N, H, W) (Simonyan et al.)."""
     return jnp.max(jnp.abs(grads), axis=-1)
@@ -568,6 +655,8 @@ class Method(NamedTuple):
     passes: `(options, image_shape (H, W, C)) -> (forward, backward)` model passes per image.
     paper: where the method comes from.
     sampling: whether it draws random numbers (then it needs a key).
+    requires: `(model, images_shape, apply_kwargs) -> None or why the method cannot
+        explain that model`; None for methods that explain any model.
     """
 
     fn: Callable
@@ -578,6 +667,7 @@ class Method(NamedTuple):
     passes: Callable
     paper: str
     sampling: bool = False
+    requires: Optional[Callable] = None
 
     @property
     def defaults(self) -> Dict[str, Any]:
@@ -596,6 +686,12 @@ def _probability(name, value):
     value = check_number(name, value, upper=1)
     if value == 0:
         raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    return value
+
+
+def _one_of(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
 
 
@@ -640,9 +736,16 @@ METHODS = {
                    _identity, lambda o, shape: (o["n_masks"] + 1, 0), "Petsiuk et al. 2018",
                    sampling=True),
     "guided_backprop": Method(guided_backprop, "Guided Backprop", False, {}, reduce_channels,
-                              _ONE_PASS, "Springenberg et al. 2015"),
+                              _ONE_PASS, "Springenberg et al. 2015", requires=_needs_relu),
     "guided_gradcam": Method(guided_grad_cam, "Guided Grad-CAM", False, {"layer": _LAYER},
-                             reduce_channels, lambda o, shape: (2, 2), "Selvaraju et al. 2017"),
+                             reduce_channels, lambda o, shape: (2, 2), "Selvaraju et al. 2017",
+                             requires=_needs_relu),
+    "attention_rollout": Method(
+        attention_rollout, "Attention rollout", False,
+        {"head_fusion": Option("mean", lambda name, value: _one_of(
+            name, value, ("mean", "max", "min")))},
+        _identity, lambda o, shape: (1, 0), "Abnar & Zuidema 2020",
+        requires=_needs_attention),
 }
 
 
@@ -698,6 +801,9 @@ def check_options(method, model, options, image_shape=None, variables=None,
                 tuple(value.shape[-3:]) != tuple(image_shape[-3:])):
             raise ValueError(f"{name} must have the images' shape {tuple(image_shape[-3:])},"
                              f" got {tuple(value.shape[-3:])}")
+    why = unsupported(method, model, image_shape, apply_kwargs) if is_module(model) else None
+    if why:
+        raise ValueError(f"method {method!r} cannot explain {model_name(model)}: {why}")
     if "layer" in checked and is_module(model):
         if image_shape is not None:
             shape = (1,) + tuple(image_shape[-3:])
