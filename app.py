@@ -35,8 +35,15 @@ MAX_UPLOAD_PIXELS = 40_000_000   # larger uploads are refused before they are de
 DISPLAY_SCALE = 6                # 32 px images are shown 192 px wide, pixels kept sharp
 DEFAULT_METHODS = ("gradcam", "saliency")
 POOLS = ("every test image", "one class", "misclassified only")
-EVALUATIONS = (ROOT / "xai_results" / "evaluation" / "evaluation.json",
-               ROOT / "docs" / "evaluation" / "evaluation.json")
+# Where evaluation reports are looked for, in order: `make evaluate`'s, then the shipped
+# ones (docs/evaluation/ for the CNN, docs/evaluation/<architecture>/ for the others).
+EVALUATIONS = (ROOT / "xai_results" / "evaluation", ROOT / "docs" / "evaluation")
+
+
+def evaluation_reports():
+    """Every evaluation.json under `EVALUATIONS`, each folder's own first."""
+    return [path for folder in EVALUATIONS
+            for path in [folder / "evaluation.json"] + sorted(folder.glob("*/evaluation.json"))]
 
 
 # ----------------------------------------------------------------------------------------
@@ -128,7 +135,7 @@ def sanity_status(checkpoint, method):
     checkpoint; a report counts only when it evaluated the same file.
     """
     target = Path(checkpoint).resolve()
-    for path in EVALUATIONS:
+    for path in evaluation_reports():
         if not path.is_file():
             continue
         report = _read_report(path, path.stat().st_mtime)
@@ -213,19 +220,27 @@ def main():
 
     with st.sidebar:
         st.header("Model and data")
-        default = os.environ.get("XAI_CHECKPOINT") or _pretrained()
-        checkpoint = st.text_input("Checkpoint", value=default)
+        shipped = _shipped()
+        choices = list(dict.fromkeys(
+            [os.environ["XAI_CHECKPOINT"]] * bool(os.environ.get("XAI_CHECKPOINT"))
+            + list(shipped) or [_pretrained()]))
+        chosen = st.selectbox("Shipped checkpoints", choices, key="shipped",
+                              format_func=lambda path: shipped.get(path, path))
+        checkpoint = st.text_input("Checkpoint", value=chosen)
         data_dir = st.text_input("CIFAR-10 folder", value=os.environ.get("CIFAR10_DIR", ""))
-        st.header("Explain")
-        methods = st.multiselect("Explainers", list(METHODS), default=list(DEFAULT_METHODS),
-                                 format_func=lambda method: METHODS[method].label)
-        target_name = st.selectbox("Target class", ("predicted",) + CLASS_NAMES)
-
     try:
         load_model(checkpoint, _mtime(checkpoint))
     except (OSError, ValueError) as e:
         st.error(f"Could not load the checkpoint: {e}")
         st.stop()
+    fits = supported_methods(checkpoint, _mtime(checkpoint))
+    with st.sidebar:
+        st.header("Explain")
+        methods = st.multiselect("Explainers", fits,
+                                 default=[m for m in DEFAULT_METHODS if m in fits],
+                                 format_func=lambda method: METHODS[method].label,
+                                 help="the methods that can explain this model")
+        target_name = st.selectbox("Target class", ("predicted",) + CLASS_NAMES, key="target")
     st.caption(f"Explaining {describe_model(checkpoint, _mtime(checkpoint))}.")
 
     source = st.radio("Image", ("Test set", "Upload"), horizontal=True)
@@ -249,6 +264,13 @@ def main():
 def _pretrained():
     from checkpoints import PRETRAINED
     return str(PRETRAINED)
+
+
+def _shipped():
+    """{path: 'name (path)'} of the shipped checkpoints of every architecture."""
+    from checkpoints import pretrained_checkpoints, shown
+    return {str(path): f"{name} ({shown(path)})"
+            for name, path in pretrained_checkpoints().items()}
 
 
 def _mtime(path):
@@ -320,6 +342,14 @@ def predict_test_set(checkpoint, mtime, data_dir, _bar=None):
 
     return predict_batches(model, variables, images, batch_size=500,
                            on_batch=progress).argmax(-1)
+
+
+@_cache
+def supported_methods(checkpoint, mtime):
+    """The methods that can explain this checkpoint's model, in the registry's order."""
+    from xai_visualizations import METHODS, unsupported
+    model, _ = load_model(checkpoint, mtime)
+    return [method for method in METHODS if not unsupported(method, model)]
 
 
 @_cache

@@ -9,9 +9,11 @@ It predicts the first --num-eval test records (default 1,000: the exact ones), t
                         deletion and insertion AUC on this image next to a random map's,
                         class-specific GradCAM, top-3 probabilities;
   batch_gradcam.png     --num-images images with GradCAM overlays and heatmaps;
-                        (GradCAM and Grad-CAM++ explain the --layer block, conv3 by default)
+                        (GradCAM and Grad-CAM++ explain the --layer, the model's own by default)
   misclassified.png     GradCAM for the predicted and for the true class, side by side;
-  confusion_matrix.png  over every evaluated image.
+  confusion_matrix.png  over every evaluated image;
+  architectures.png     --num-compare images explained by Grad-CAM, saliency and
+                        Integrated Gradients on every shipped network (CNN, ResNet-20, ViT).
 """
 
 import argparse
@@ -26,12 +28,15 @@ from tqdm.auto import tqdm
 import cifar10_data
 import xai_cli as cli
 import xai_metrics
-from checkpoints import default_checkpoint, describe_checkpoint, load_checkpoint
+from checkpoints import (default_checkpoint, describe_checkpoint, load_checkpoint,
+                         pretrained_checkpoints)
 from cifar10_data import CLASS_NAMES, EXACT_TEST_RECORDS
+from xai_models import default_layer
 from xai_visualizations import METHODS, Explainer, GradCAM, check_options, normalize_maps, overlay
 
 EVIDENCE_STEP = 32  # pixels per point of the detailed figure's deletion/insertion curves
 DETAILED_METHODS = ("gradcam", "gradcam++", "saliency", "smoothgrad", "integrated_gradients")
+COMPARE_METHODS = ("gradcam", "saliency", "integrated_gradients")  # for every network
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,10 +48,11 @@ class DemoConfig:
     num_detailed: int = 3                   # images with a detailed figure each
     num_eval: int = EXACT_TEST_RECORDS      # test records predicted for the error analysis
     num_misclassified: int = 6             # rows of the misclassification figure
+    num_compare: int = 4                   # images explained on every shipped network
     smoothgrad_samples: int = 50
     ig_steps: int = 64                      # Integrated Gradients path points
     seed: int = 0                           # picks the images and seeds SmoothGrad
-    layer: str = "conv3"                    # the block GradCAM and Grad-CAM++ explain
+    layer: Optional[str] = None             # GradCAM's layer; default: the model's (conv3)
     quiet: bool = False
 
 
@@ -196,6 +202,44 @@ def plot_confusion(plt, path, labels, preds):
     plt.close(fig)
 
 
+def explain_architectures(networks, images, methods, options=None):
+    """{name: (preds (N,), {method: normalised maps (N, H, W)})}: the same images
+    explained by the same methods on each network of `networks` ({name: (model,
+    variables)}); signed maps by their magnitude."""
+    out = {}
+    for name, (model, variables) in networks.items():
+        maps, preds = {}, None
+        for method in methods:
+            explainer = Explainer(model, method, **(options or {}).get(method, {}))
+            raw, preds, _ = explainer.explain(variables["params"], variables.get("batch_stats"),
+                                              images, normalize=False)
+            raw = np.abs(raw) if METHODS[method].signed else raw
+            maps[method] = np.asarray(normalize_maps(raw))
+        out[name] = (np.asarray(preds), maps)
+    return out
+
+
+def plot_architectures(plt, path, images, labels, explained, methods):
+    """Per image, one row per network: the image with that network's prediction, then
+    each method's overlay."""
+    rows = [(i, name) for i in range(len(images)) for name in explained]
+    fig, axes = plt.subplots(len(rows), len(methods) + 1,
+                             figsize=(1.9 * (len(methods) + 1), 2.0 * len(rows)), squeeze=False)
+    for row, (i, name) in enumerate(rows):
+        preds, maps = explained[name]
+        ok = preds[i] == labels[i]
+        _show(axes[row, 0], images[i], f"{name}: {_label(preds[i])} {'✓' if ok else '✗'}")
+        axes[row, 0].title.set_color("green" if ok else "red")
+        for col, method in enumerate(methods, 1):
+            _show(axes[row, col], overlay(images[i], maps[method][i]),
+                  METHODS[method].label if row == 0 else None)
+    fig.suptitle("The same test images, explained by the same methods on each network "
+                 f"(true classes: {', '.join(_label(y) for y in labels)})", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
 def method_options(config: DemoConfig, method):
     """The options of `method` that the demo's config sets (by the options' names)."""
     given = {"layer": config.layer, "n_samples": config.smoothgrad_samples,
@@ -209,7 +253,7 @@ def run_demo(config: DemoConfig, model, variables, data: cifar10_data.Cifar10):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    params, batch_stats = variables["params"], variables["batch_stats"]
+    params, batch_stats = variables["params"], variables.get("batch_stats")
     n_eval = min(config.num_eval, len(data.test_images))
     test_u8, labels = data.test_images[:n_eval], data.test_labels[:n_eval]
     probs = predict(model, variables, test_u8, quiet=config.quiet)
@@ -260,7 +304,7 @@ def run_demo(config: DemoConfig, model, variables, data: cifar10_data.Cifar10):
     heatmaps = gradcam.compute_gradcam(params, batch_stats, images)[0]
     written.append(out / "batch_gradcam.png")
     plot_batch(plt, written[-1], images, labels[chosen], preds[chosen], heatmaps,
-               layer=config.layer)
+               layer=config.layer or default_layer(model))
 
     wrong = np.flatnonzero(preds != labels)
     wrong = np.sort(rng.permutation(wrong)[:config.num_misclassified])
@@ -276,6 +320,18 @@ def run_demo(config: DemoConfig, model, variables, data: cifar10_data.Cifar10):
 
     written.append(out / "confusion_matrix.png")
     plot_confusion(plt, written[-1], labels, preds)
+
+    shipped = pretrained_checkpoints()
+    if config.num_compare and len(shipped) > 1:
+        networks = {name: load_checkpoint(path) for name, path in shipped.items()}
+        compare = images[:config.num_compare]
+        explained = explain_architectures(
+            networks, compare, COMPARE_METHODS,
+            {m: method_options(dataclasses.replace(config, layer=None), m)
+             for m in COMPARE_METHODS})
+        written.append(out / "architectures.png")
+        plot_architectures(plt, written[-1], compare, labels[chosen][:config.num_compare],
+                           explained, COMPARE_METHODS)
     if not config.quiet:
         print(f"accuracy {np.mean(preds == labels):.1%} on the first {n_eval} test records")
     return written
@@ -291,14 +347,16 @@ def parse_args(argv=None) -> DemoConfig:
                         help="CIFAR-10 folder; default: $CIFAR10_DIR, then tfds, then download")
     parser.add_argument("--output-dir", default=defaults.output_dir,
                         help="where the figures go (default: %(default)s)")
-    parser.add_argument("--layer", default=defaults.layer,
-                        help="the block that GradCAM and Grad-CAM++ explain "
-                             "(default: %(default)s)")
+    parser.add_argument("--layer", default=None,
+                        help="the layer that GradCAM and Grad-CAM++ explain (default: the "
+                             "model's explanation layer, e.g. conv3 for the CNN)")
     for name, low, text in [("num_images", 1, "test images in the batch grid"),
                             ("num_detailed", 0, "images with a detailed figure each"),
                             ("num_eval", 1, "first test records predicted for the error "
                                             "analysis"),
                             ("num_misclassified", 0, "rows of the misclassification figure"),
+                            ("num_compare", 0, "images explained on every shipped network "
+                                               "(architectures.png; 0: none)"),
                             ("smoothgrad_samples", 1, "noisy samples per SmoothGrad map"),
                             ("ig_steps", 1, "Integrated Gradients path points"),
                             ("seed", 0, "picks the images and seeds SmoothGrad")]:

@@ -47,7 +47,7 @@ class EvalConfig:
     data_dir: Optional[str] = None        # default: $CIFAR10_DIR, then tfds, then download
     output_dir: str = "xai_results/evaluation"
     num_images: int = EXACT_TEST_RECORDS  # the first test records, the exact ones
-    methods: Tuple[str, ...] = tuple(xv.METHODS)
+    methods: Optional[Tuple[str, ...]] = None  # default: every method that fits the model
     step: int = 32                        # pixels removed or inserted per curve point
     deletion_baseline: str = "zero"
     insertion_baseline: str = "blur"
@@ -59,7 +59,7 @@ class EvalConfig:
     rise_masks: int = 4000
     occlusion_patch: int = 4
     occlusion_stride: int = 2
-    layer: str = "conv3"                  # the block the layer methods explain
+    layer: Optional[str] = None           # the layer methods' layer; default: the model's
     seed: int = 0
     quiet: bool = False
 
@@ -232,6 +232,10 @@ def markdown(report):
             lines.append(f"| {card['method']} | " + " | ".join(
                 f"{a:.2f} ({s:.2f}, {q:.2f})" for a, s, q in
                 zip(r["spearman_abs"], r["spearman_signed"], r["ssim"])) + " |")
+    skipped = report.get("skipped") or {}
+    if skipped:
+        lines += ["", "Not evaluated, since they cannot explain this model: "
+                  + "; ".join(f"{m} ({why})" for m, why in skipped.items()) + "."]
     for card in cards.values():
         gap = card.get("completeness_gap")
         if gap:
@@ -308,6 +312,14 @@ def evaluate(config: EvalConfig, model=None, variables=None, data=None):
         if not config.quiet:
             print(f"evaluating {describe_checkpoint(config.checkpoint)}")
     image_shape = data.test_images.shape[1:] if data is not None else None
+    skipped = {}
+    if config.methods is None:  # every method that can explain this model
+        skipped = {m: why for m in xv.METHODS
+                   if (why := xv.unsupported(m, model, image_shape))}
+        config = dataclasses.replace(config, methods=tuple(m for m in xv.METHODS
+                                                           if m not in skipped))
+        if skipped and not config.quiet:
+            print("skipped: " + "; ".join(f"{m} ({why})" for m, why in skipped.items()))
     for method in config.methods:  # every option checked before any work
         xv.check_options(method, model, config.options(method), image_shape, variables)
     if data is None:
@@ -322,7 +334,7 @@ def evaluate(config: EvalConfig, model=None, variables=None, data=None):
               "device": cli.describe_device(), "config": dataclasses.asdict(config),
               "random_reference": {"deletion_auc": float(jnp.mean(reference["deletion_auc"])),
                                    "insertion_auc": float(jnp.mean(reference["insertion_auc"]))},
-              "methods": {}}
+              "methods": {}, "skipped": skipped}
     arrays = {}
     for method in tqdm(config.methods, desc="methods", disable=config.quiet):
         card, arrays[method] = run.card(method)
@@ -347,11 +359,12 @@ def parse_args(argv=None) -> EvalConfig:
                         help="CIFAR-10 folder; default: $CIFAR10_DIR, then tfds, then download")
     parser.add_argument("--output-dir", default=defaults.output_dir,
                         help="where the files go (default: %(default)s)")
-    parser.add_argument("--methods", nargs="+", default=list(defaults.methods),
-                        choices=tuple(xv.METHODS), help="default: all")
-    parser.add_argument("--layer", default=defaults.layer,
-                        help="the block that the layer methods (Grad-CAM, Grad-CAM++, "
-                             "Guided Grad-CAM) explain (default: %(default)s)")
+    parser.add_argument("--methods", nargs="+", default=None, choices=tuple(xv.METHODS),
+                        help="default: every method that can explain the model")
+    parser.add_argument("--layer", default=None,
+                        help="the layer that the layer methods (Grad-CAM, Grad-CAM++, "
+                             "Guided Grad-CAM) explain (default: the model's explanation "
+                             "layer, e.g. conv3 for the CNN)")
     for name in ("deletion_baseline", "insertion_baseline"):
         parser.add_argument("--" + name.replace("_", "-"), default=getattr(defaults, name),
                             choices=xm.BASELINES, help="default: %(default)s")
@@ -376,7 +389,8 @@ def parse_args(argv=None) -> EvalConfig:
     args = vars(parser.parse_args(argv))
     if args["occlusion_patch"] > 32:
         parser.error(f"--occlusion-patch must be at most 32, got {args['occlusion_patch']}")
-    args["methods"] = tuple(dict.fromkeys(args["methods"]))
+    if args["methods"] is not None:
+        args["methods"] = tuple(dict.fromkeys(args["methods"]))
     return EvalConfig(**args)
 
 
