@@ -119,12 +119,14 @@ def _init(model, **kwargs):
         jnp.zeros((1,) + SHAPE))
 
 
-# (model, apply_kwargs, layer, methods that do not apply)
+# (model, apply_kwargs, layer, methods that do not apply). None of them sows its
+# attention, which attention rollout reads (tests/test_architectures.py runs it on the ViT).
+NO_ATTENTION = ("attention_rollout",)
 MODELS = {
-    "resnet": (ResNet(), {}, "stage2", ()),
-    "no batchnorm": (PlainNet(), {}, "conv2", ()),
-    "train flag": (NeedsTrainFlag(), {"train": False}, "features", ()),
-    "vit": (TinyViT(), {}, "block_0", ("guided_backprop", "guided_gradcam")),
+    "resnet": (ResNet(), {}, "stage2", NO_ATTENTION),
+    "no batchnorm": (PlainNet(), {}, "conv2", NO_ATTENTION),
+    "train flag": (NeedsTrainFlag(), {"train": False}, "features", NO_ATTENTION),
+    "vit": (TinyViT(), {}, "block_0", ("guided_backprop", "guided_gradcam") + NO_ATTENTION),
 }
 
 

@@ -66,6 +66,13 @@ def test_a_test_image_is_shown_with_prediction_maps_and_evidence(page, checkpoin
     assert text.count("Insertion AUC on this image") == 2
     assert text.count("Sanity checks: **not evaluated** for this checkpoint") == 2
     assert "including compilation (its first call)" in text
+    # the shipped checkpoints are listed after the chosen one; only the methods that fit
+    # the CNN are offered (no attention rollout)
+    shipped = page.sidebar.selectbox(key="shipped")
+    assert shipped.options[0] == str(checkpoint)
+    assert any("pretrained/cifar10_cnn.pkl" in option for option in shipped.options)
+    offered = page.sidebar.multiselect[0].options
+    assert "Attention rollout" not in offered and "Guided Backprop" in offered
 
 
 def test_filters_pick_a_class_or_only_misclassified_images(page, checkpoint, data):  # noqa: F811
@@ -89,7 +96,7 @@ def test_explainers_and_target_class_are_chosen_in_the_sidebar(page, checkpoint,
     page.sidebar.multiselect[0].set_value(["grad_x_input", "occlusion"]).run()
     probs = _probabilities(checkpoint, data.test_images[0])
     target = "airplane" if probs.argmax() != 0 else "ship"
-    page.sidebar.selectbox[0].select(target).run()
+    page.sidebar.selectbox(key="target").select(target).run()
     assert not page.exception
     assert [h.value for h in page.subheader] == [
         f"Gradient × Input — {target} (not the predicted class)",

@@ -106,6 +106,8 @@ CASES = [
     ("train: zero epochs", "train", ["--epochs", "0"], 2, ["epochs must be >= 1, got 0"]),
     ("train: an unknown recipe", "train", ["--recipe", "adamw"], 2,
      ["argument --recipe: invalid choice: 'adamw'"]),
+    ("train: an unknown architecture", "train", ["--model", "efficientnet"], 2,
+     ["argument --model: invalid choice: 'efficientnet' (choose from 'cnn', 'resnet20', 'vit')"]),
     ("train: an output inside a file", "train", ["--smoke", "--output", "{a_file}/m.pkl"], 2,
      ["--output ", "a_file/m.pkl' cannot be written", "is a file, not a folder"]),
     # ---------------------------------------------------------------- demo
@@ -137,6 +139,10 @@ CASES = [
     ("evaluate: an unknown layer", "evaluate",
      ["--checkpoint", "{tiny.pkl}", "--methods", "gradcam", "--layer", "fc1", "--quiet"], 2,
      ["layer 'fc1' is not a module of CIFAR10CNN; its layers are block1 (32×32×4)"]),
+    ("evaluate: a method that cannot explain the model", "evaluate",
+     ["--checkpoint", "{tiny.pkl}", "--methods", "attention_rollout", "--quiet"], 2,
+     ["method 'attention_rollout' cannot explain CIFAR10CNN: attention rollout needs a model "
+      "that sows its attention probabilities"]),
     ("evaluate: a missing checkpoint", "evaluate", ["--checkpoint", "nope.pkl"], 1,
      ["checkpoint 'nope.pkl' does not exist"]),
     ("evaluate: a checkpoint of another width", "evaluate", ["--checkpoint", "{wider.pkl}"], 2,

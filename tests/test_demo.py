@@ -9,6 +9,7 @@ import pytest
 import cifar10_data
 import demo_xai
 import train_cifar10 as tc
+from architectures import ResNet20
 from cifar10_cnn_model import CIFAR10CNN
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -30,23 +31,52 @@ def checkpoint(tiny_model, tiny_variables, tmp_path_factory):
     return path
 
 
-def test_demo_writes_every_figure(checkpoint, data, tmp_path, monkeypatch, capsys):
+@pytest.fixture(scope="module")
+def tiny_resnet(tmp_path_factory):
+    """A tiny ResNet-20 checkpoint with random numpy weights (no jitted init)."""
+    model = ResNet20(width=2)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(lambda s: rng.uniform(0.5, 1.0, s.shape).astype(np.float32), shapes)
+    path = tmp_path_factory.mktemp("ckpt") / "resnet.pkl"
+    tc.save_checkpoint(path, model, variables)
+    return path
+
+
+def test_demo_writes_every_figure(checkpoint, tiny_resnet, data, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cifar10_data, "load_cifar10", lambda data_dir: data)
+    # the architectures figure explains every shipped network: tiny ones here
+    monkeypatch.setattr(demo_xai, "pretrained_checkpoints",
+                        lambda: {"cnn": checkpoint, "resnet20": tiny_resnet})
     out = tmp_path / "xai_results"
     demo_xai.main(["--checkpoint", str(checkpoint),
                    "--output-dir", str(out), "--num-images", "6", "--num-detailed", "2",
-                   "--smoothgrad-samples", "4", "--seed", "1"])
+                   "--smoothgrad-samples", "4", "--seed", "1", "--num-compare", "2"])
     printed = capsys.readouterr().out
     assert printed.startswith(f"explaining {checkpoint}: no test accuracy recorded\n")
     detailed = sorted(out.glob("detailed_*.png"))
     expected = detailed + [out / name for name in
-                           ("batch_gradcam.png", "misclassified.png", "confusion_matrix.png")]
+                           ("batch_gradcam.png", "misclassified.png", "confusion_matrix.png",
+                            "architectures.png")]
     assert len(detailed) == 2
     for path in expected:
         assert path.read_bytes()[:8] == PNG and path.stat().st_size > 5000, path
         assert str(path) in printed
     assert sorted(out.iterdir()) == sorted(expected)
     assert f"on the first {len(data.test_labels)} test records" in printed
+
+
+def test_each_network_explains_the_same_images(checkpoint, tiny_resnet, data):
+    networks = {"cnn": tc.load_checkpoint(checkpoint), "resnet20": tc.load_checkpoint(tiny_resnet)}
+    images = data.test_images[:2] / np.float32(255)  # the shape the figure test compiles
+    explained = demo_xai.explain_architectures(networks, images, ("gradcam", "saliency"))
+    assert list(explained) == ["cnn", "resnet20"]
+    for name, (preds, maps) in explained.items():
+        model, variables = networks[name]
+        np.testing.assert_array_equal(preds, np.argmax(model.apply(variables, images), -1))
+        for method, m in maps.items():
+            assert m.shape == (2, 32, 32) and m.min() >= 0 and m.max() <= 1 + 1e-6, method
+    assert not np.allclose(explained["cnn"][1]["saliency"], explained["resnet20"][1]["saliency"])
 
 
 def test_demo_without_checkpoint_says_how_to_get_one(tmp_path, capsys):

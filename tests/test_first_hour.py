@@ -104,7 +104,7 @@ def test_a_newcomers_first_hour(run, tmp_path):
     # 4. the demo on the default checkpoint: the shipped one, not the smoke model
     report = json.loads((ROOT / "pretrained" / "cifar10_cnn.json").read_text())
     out = run("demo_xai.py", "--num-images", "2", "--num-detailed", "0", "--num-eval", "20",
-              "--num-misclassified", "1")
+              "--num-misclassified", "1", "--num-compare", "0")  # (test_demo.py draws it)
     assert (f"explaining {ROOT / 'pretrained' / 'cifar10_cnn.pkl'} (the shipped checkpoint):"
             f" recorded test accuracy {report['test_accuracy_first1000']:.1%} on the first "
             f"1,000 test records, {report['test_accuracy']:.1%} on all") in out

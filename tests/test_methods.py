@@ -205,7 +205,7 @@ def test_guided_grad_cam_is_guided_backprop_times_grad_cam(tiny_model, tiny_vari
 # ------------------------------------------------------------------ contracts
 
 
-@pytest.mark.parametrize("method", list(xv.METHODS))
+@pytest.mark.parametrize("method", [m for m in xv.METHODS if m != "attention_rollout"])
 def test_one_image_alone_equals_it_inside_a_batch(method, tiny_model, tiny_variables, images,
                                                   request):
     if method == "smoothgrad":  # vmapped draws equal per-key draws only under threefry
