@@ -297,7 +297,9 @@ def randomization_levels(model, variables,
             groups[-1].append(path)
         else:
             groups.append([path])
-    return [("/".join(g[0]), tuple(g)) for g in reversed(groups)]
+    # the root's own parameters (e.g. a ViT's class token and position embeddings) have
+    # the empty path
+    return [("/".join(g[0]) or "(top level)", tuple(g)) for g in reversed(groups)]
 
 
 def cascading_randomization(model, variables, random_params, image_shape=None):
@@ -319,8 +321,9 @@ def cascading_randomization(model, variables, random_params, image_shape=None):
     random = traverse_util.flatten_dict(random_params)
     stacked = []
     for _, paths in levels:
-        for path in paths:  # every parameter of the module at `path`
-            current.update({k: v for k, v in random.items() if k[:len(path)] == path})
+        for path in paths:  # every parameter of the module at `path` (the root: its own)
+            current.update({k: v for k, v in random.items()
+                            if k[:len(path)] == path and (path or len(k) == 1)})
         stacked.append(traverse_util.unflatten_dict(current))
     return [label for label, _ in levels], jax.tree.map(lambda *a: jnp.stack(a), *stacked)
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import xai_metrics as xm
 import xai_visualizations as xv
 from architectures import MODELS, BasicBlock, ResNet20, ViT, registry_name
 from checkpoints import load_checkpoint, save_checkpoint
@@ -190,3 +191,20 @@ def test_attention_rollout_explains_an_image_alone_as_in_a_batch(zoo, images):
 def test_attention_rollout_refuses_a_model_without_attention(zoo):
     with pytest.raises(ValueError, match="sows its attention probabilities.*ResNet20 sows none"):
         xv.Explainer(zoo["resnet20"][0], "attention_rollout")
+
+
+def test_the_vits_randomisation_cascade_ends_with_its_own_parameters(zoo):
+    """The cascade runs from the head down to the patch embedding; the last level
+    re-initialises the parameters the ViT holds itself (class token, position
+    embeddings), and only those."""
+    model, variables = zoo["vit"]
+    levels = xm.randomization_levels(model, variables)
+    assert levels[0][0] == "head" and levels[-2][0] == "patch_embed"
+    assert levels[-1] == ("(top level)", ((),))
+    zeros = jax.tree.map(jnp.zeros_like, variables["params"])  # "random" = 0, to see what moved
+    _, stacked = xm.cascading_randomization(model, variables, zeros)
+    before_last = jax.tree.map(lambda a: a[-2], stacked)
+    np.testing.assert_array_equal(before_last["pos_embed"], variables["params"]["pos_embed"])
+    assert not any(np.any(leaf) for key, leaf in before_last.items() if key != "pos_embed"
+                   for leaf in jax.tree.leaves(leaf))
+    assert not any(np.any(leaf) for leaf in jax.tree.leaves(jax.tree.map(lambda a: a[-1], stacked)))
