@@ -13,8 +13,8 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 # Two workers, each taking whole files (so module fixtures and jitted functions are
-# built once): the suite is mostly XLA compilation, one core each (from a cold cache on
-# the 2-core CPU: 282-319 s for 342 tests, 2026-12-01; see docs/tests.md).
+# built once): the suite is mostly XLA compilation, one core each (its measured cold
+# times on the 2-core CPU are in docs/tests.md).
 test: $(VENV)/.installed chromium
 	$(PY) -m pytest -n 2 --dist loadfile
 
