@@ -52,10 +52,10 @@ bench: $(VENV)/.installed
 # Every explainer that fits each network, measured on each shipped checkpoint (and on
 # your cifar10_model.pkl when it exists), each into xai_results/evaluation/<name>/. The
 # default EVAL_FLAGS are the CPU subset of docs/architectures.md (the first 50 test
-# records, curves every 64 px, randomisation on 10 images, RISE with 500 masks: about
-# 10 minutes per network on the 2-core CPU); EVAL_FLAGS= evaluates the first 1,000
-# with every default, as on a GPU.
-EVAL_FLAGS ?= --num-images 50 --randomization-images 10 --rise-masks 500 --step 64 --chunk 50
+# records, curves every 64 px, randomisation on 4 images, fewer samples for the sampling
+# methods); EVAL_FLAGS= evaluates the first 1,000 with every default, as on a GPU.
+EVAL_FLAGS ?= --num-images 50 --randomization-images 4 --smoothgrad-samples 16 --ig-steps 16 \
+	--rise-masks 250 --occlusion-patch 8 --occlusion-stride 4 --step 64 --chunk 50 --batch-size 256
 evaluate: $(VENV)/.installed
 	@for checkpoint in $(wildcard cifar10_model.pkl pretrained/*.pkl); do \
 	  $(PY) evaluate_xai.py --checkpoint $$checkpoint $(EVAL_FLAGS) \
