@@ -487,11 +487,18 @@ def unsupported(method, model, image_shape=None, apply_kwargs=None) -> Optional[
     """Why `method` cannot explain `model` (e.g. Guided Backprop without ReLUs, attention
     rollout without attention), or None when it can. `image_shape` is one image's
     (H, W, C); default the model's declared `input_shape`."""
-    requires = METHODS[method].requires
     image_shape = image_shape or getattr(model, "input_shape", None)
-    if requires is None or image_shape is None:
+    if METHODS[method].requires is None or image_shape is None:
         return None
-    return requires(model, (1,) + tuple(image_shape[-3:]), apply_kwargs)
+    return _unsupported_cached(method, model, (1,) + tuple(image_shape[-3:]),
+                               frozen_kwargs(apply_kwargs))
+
+
+@functools.lru_cache(maxsize=256)
+def _unsupported_cached(method, model, images_shape, apply_kwargs):
+    """`unsupported`, traced once per method, model, image shape and apply_kwargs (the
+    evaluation, the explorer and every Explainer ask again)."""
+    return METHODS[method].requires(model, images_shape, dict(apply_kwargs))
 
 
 def reduce_channels(grads):
