@@ -10,6 +10,7 @@ Every file is checked (size, shape, label range, checksums where known): a parti
 corrupt data set raises `DataError` naming the file and the fault, never loads silently.
 """
 
+import functools
 import hashlib
 import os
 import pickle
@@ -347,28 +348,48 @@ def map_batches(fn, arrays, batch_size: int, *, place=None, on_batch=None):
 
     The last batch is padded by repeating its first row, so every call has one shape
     and a jitted `fn` compiles once; the padding is cut from the outputs, which are
-    concatenated along the first axis. Arrays already on a device stay there, and the
-    outputs come back in one transfer at the end, so the calls are dispatched without
-    waiting for each other. `place(batch)` puts a batch on the devices (e.g.
-    `jax.device_put` with a sharding); `on_batch(size)` is called after each batch is
-    dispatched, e.g. a progress bar's `update`.
+    concatenated along the first axis. Arrays already on a device stay there: each batch
+    is cut by one compiled gather whose offset is an argument (a static slice would
+    compile once per offset). The outputs come back in one transfer at the end, so the
+    calls are dispatched without waiting for each other. `place(batch)` puts a batch on
+    the devices (e.g. `jax.device_put` with a sharding); `on_batch(size)` is called
+    after each batch is dispatched, e.g. a progress bar's `update`.
     """
     import jax  # noqa: PLC0415 (the data readers need no JAX)
-    import jax.numpy as jnp  # noqa: PLC0415
 
-    def pad(part):
-        if len(part) == batch_size:
-            return part
-        xp = jnp if isinstance(part, jax.Array) else np
-        return xp.concatenate([part, xp.repeat(part[:1], batch_size - len(part), axis=0)])
-
+    n = len(arrays[0])
     outputs = []
-    for start in range(0, len(arrays[0]), batch_size):
-        batch = [pad(a[start:start + batch_size]) for a in arrays]
-        size = min(batch_size, len(arrays[0]) - start)
+    for start in range(0, n, batch_size):
+        batch = [_device_batch(a, start, batch_size) if isinstance(a, jax.Array)
+                 else _host_batch(a, start, batch_size) for a in arrays]
         if place is not None:
             batch = place(batch)
-        outputs.append(jax.tree.map(lambda o: o[:size], fn(*batch)))
+        outputs.append(fn(*batch))
         if on_batch is not None:
-            on_batch(size)
-    return jax.device_get(jax.tree.map(lambda *o: jnp.concatenate(o), *outputs))
+            on_batch(min(batch_size, n - start))
+    outputs = jax.device_get(outputs)
+    return jax.tree.map(lambda *o: np.concatenate(o)[:n], *outputs)
+
+
+def _host_batch(array, start: int, batch_size: int):
+    part = array[start:start + batch_size]
+    if len(part) == batch_size:
+        return part
+    return np.concatenate([part, np.repeat(part[:1], batch_size - len(part), axis=0)])
+
+
+@functools.lru_cache(maxsize=None)
+def _device_batcher(batch_size: int):
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    @jax.jit
+    def take(array, start):
+        rows = start + jnp.arange(batch_size)
+        return array[jnp.where(rows < len(array), rows, start)]  # padding: the first row
+
+    return take
+
+
+def _device_batch(array, start: int, batch_size: int):
+    return _device_batcher(batch_size)(array, start)

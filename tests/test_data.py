@@ -315,3 +315,31 @@ def test_tfds_copy_with_bad_labels_is_refused(binary_dataset, fake_tfds):
                        {"train": (train[0], train[1] + 10), "test": test})
     with pytest.raises(DataError, match=r"\(train\): record 0 has label byte 10"):
         cifar10_data.load_tfds(folder)
+
+
+def test_map_batches_pads_the_last_batch_cuts_the_padding_and_compiles_once():
+    """10 rows in batches of 4 (4, 4, 2 + 2 padding rows): the outputs are row-wise
+    `fn` of every row, in order, as numpy; device and host inputs give the same; the
+    jitted `fn` and the device-side batch cutter each compile once for all offsets."""
+    import chex
+    import jax
+    import jax.numpy as jnp
+
+    rows = np.arange(10 * 3, dtype=np.float32).reshape(10, 3)
+    labels = np.arange(10, dtype=np.int32)
+    shapes = []
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def fn(x, y):
+        shapes.append(x.shape)
+        return {"sum": x.sum(axis=1), "label": y * 2}
+
+    seen = []
+    for inputs in ([rows, labels], [jnp.asarray(rows), jnp.asarray(labels)]):
+        out = cifar10_data.map_batches(fn, inputs, 4, on_batch=seen.append)
+        assert isinstance(out["sum"], np.ndarray)
+        np.testing.assert_array_equal(out["sum"], rows.sum(axis=1))
+        np.testing.assert_array_equal(out["label"], labels * 2)
+    assert shapes == [(4, 3)] and seen == [4, 4, 2] * 2
+    assert cifar10_data._device_batcher(4)._cache_size() == 2  # one per input dtype
