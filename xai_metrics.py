@@ -327,6 +327,207 @@ def random_maps(key, shape):
 
 
 # ----------------------------------------------------------------------------------------
+# More faithfulness, complexity and localisation (the measures Quantus and Captum users
+# expect). Each is pure and batch-first; random subsets and perturbations are drawn once
+# per key and shared by every image, so an image's score never depends on its batch-mates.
+
+
+def _target_logits(model, variables, images, targets):
+    """(N,) logits of `targets` (int (N,))."""
+    logits = model.apply(variables, images).astype(jnp.float32)
+    return jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+
+
+def faithfulness_correlation(model, variables, images, maps, targets, key, *,
+                             subset_size=102, n_subsets=100, baseline="zero",
+                             batch_size=1024):
+    """Faithfulness correlation (Bhatt et al., IJCAI 2020): the Pearson correlation,
+    over `n_subsets` random subsets S of `subset_size` pixels, between the relevance a
+    map gives S, Σ_{i∈S} φ_i, and the drop of the target's logit when S is set to the
+    baseline, f(x) − f(x_{S←baseline}). A map that is an exact additive decomposition
+    of the logit scores 1.
+
+    Args:
+        maps: (N, H, W) (relevance per pixel, all channels).
+        targets: (N,) classes; `PREDICTED` is each image's prediction.
+        key: draws the subsets, the same for every image.
+        subset_size: pixels per subset (Quantus's default is 224 of 224²; ours ~10 %).
+        baseline: 'zero', 'blur' or 'mean' (`baseline_images`).
+
+    Returns:
+        (N,) correlations in [−1, 1] (0 where either side is constant).
+    """
+    n, h, w, _ = _check_images(images)
+    _check_maps(maps, images.shape)
+    check_int("subset_size", subset_size, 1)
+    check_int("n_subsets", n_subsets, 2)
+    if subset_size > h * w:
+        raise ValueError(f"subset_size must be at most the {h * w} pixels, got {subset_size}")
+    check_int("batch_size", batch_size, 1)
+    removed_to = baseline_images(images, baseline)
+    targets = resolve_targets(model.apply(variables, images), targets)
+    full = _target_logits(model, variables, images, targets)
+    subsets = jax.vmap(lambda k: jax.random.permutation(k, h * w)[:subset_size])(
+        jax.random.split(key, n_subsets))
+    masks = jnp.zeros((n_subsets, h * w), bool).at[
+        jnp.arange(n_subsets)[:, None], subsets].set(True).reshape(n_subsets, h, w)
+
+    def drop(s, i):
+        cut = jnp.where(masks[s][..., None], removed_to[i], images[i])
+        return full[i] - _target_logits(model, variables, cut, targets[i])
+
+    drops = map_pairs(drop, n, n_subsets, batch_size, total=False).T  # (N, S)
+    relevance = jnp.einsum("nhw,shw->ns", maps.astype(jnp.float32), masks.astype(jnp.float32))
+    return pearson(relevance, drops)
+
+
+def pearson(a, b):
+    """Pearson correlation along the last axis; 0 where either side is constant."""
+    a = a - jnp.mean(a, axis=-1, keepdims=True)
+    b = b - jnp.mean(b, axis=-1, keepdims=True)
+    norm = jnp.sqrt(jnp.sum(a**2, axis=-1) * jnp.sum(b**2, axis=-1))
+    return jnp.where(norm > 0, jnp.sum(a * b, axis=-1) / jnp.where(norm > 0, norm, 1), 0.0)
+
+
+def infidelity(model, variables, images, attributions, targets, key, *, n_perturbations=50,
+               noise=0.1, multiply_by_inputs=False, batch_size=1024):
+    """Infidelity (Yeh et al., NeurIPS 2019): E_I[(Iᵀφ − (f(x) − f(x − I)))²] over
+    Gaussian perturbations I ~ N(0, noise²), f the target's logit. Lower is better.
+
+    Args:
+        attributions: (N, H, W, C), or (N, H, W) with one perturbation per pixel shared
+            by its channels (so a channel-summed map is scored exactly).
+        multiply_by_inputs: the attributions are gradient × input style, so the
+            perturbation they are paired with is I / x (Captum's `multiply_by_inputs`;
+            0 where x = 0): Gradient × Input of a linear model then scores 0.
+        key: the perturbations, the same for every image.
+
+    Returns:
+        (N,) infidelity.
+    """
+    n, h, w, c = _check_images(images)
+    shape = _shape("attributions", attributions)
+    if shape not in ((n, h, w), (n, h, w, c)):
+        raise ValueError(f"attributions must be (N, H, W) = {(n, h, w)} or (N, H, W, C) = "
+                         f"{(n, h, w, c)} to match the images, got shape {shape}")
+    per_pixel = len(shape) == 3
+    if per_pixel and multiply_by_inputs:
+        raise ValueError("multiply_by_inputs needs attributions per channel (N, H, W, C), "
+                         f"got shape {shape}")
+    check_int("n_perturbations", n_perturbations, 1)
+    check_number("noise", noise)
+    check_int("batch_size", batch_size, 1)
+    targets = resolve_targets(model.apply(variables, images), targets)
+    full = _target_logits(model, variables, images, targets)
+    draws = noise * jax.random.normal(key, (n_perturbations, h, w, 1 if per_pixel else c))
+    perturbations = jnp.broadcast_to(draws, (n_perturbations, h, w, c))
+    phi = attributions.astype(jnp.float32)
+
+    def error(s, i):
+        pert = perturbations[s]
+        if per_pixel:
+            paired = jnp.sum(pert[..., 0] * phi[i], axis=(1, 2))
+        else:
+            scale = (jnp.where(images[i] != 0, pert / jnp.where(images[i] != 0, images[i], 1), 0)
+                     if multiply_by_inputs else pert)
+            paired = jnp.sum(scale * phi[i], axis=(1, 2, 3))
+        drop = full[i] - _target_logits(model, variables, images[i] - pert, targets[i])
+        return (paired - drop) ** 2
+
+    return map_pairs(error, n, n_perturbations, batch_size, total=True) / n_perturbations
+
+
+def sparseness(maps):
+    """Sparseness (Chalasani et al., ICML 2020): the Gini index of |map| over the pixels,
+    (N, H, W) -> (N,), scaled by n / (n − 1) so that a one-hot map scores exactly 1 and
+    a constant map 0 (Quantus's `Sparseness` is (n − 1) / n times ours). Higher = more
+    concentrated. An all-zero map scores 0."""
+    shape = _shape("maps", maps)
+    if len(shape) != 3 or shape[1] * shape[2] < 2:
+        raise ValueError(f"maps must be (N, H, W) with at least 2 pixels, got shape {shape}")
+    a = jnp.sort(jnp.abs(maps.reshape(shape[0], -1)).astype(jnp.float32), axis=-1)
+    n = a.shape[-1]
+    k = jnp.arange(1, n + 1, dtype=jnp.float32)
+    total = jnp.sum(a, axis=-1)
+    gini = jnp.sum((2 * k[None] - n - 1) * a, axis=-1) / (n * jnp.where(total > 0, total, 1))
+    return gini * n / (n - 1)
+
+
+def complexity(maps):
+    """Complexity (Bhatt et al., IJCAI 2020): the entropy (nats) of the pixels' shares of
+    |map|, (N, H, W) -> (N,): 0 for a one-hot map, log(H · W) for a constant one.
+    Lower = simpler. An all-zero map scores 0."""
+    shape = _shape("maps", maps)
+    if len(shape) != 3:
+        raise ValueError(f"maps must be (N, H, W), got shape {shape}")
+    a = jnp.abs(maps.reshape(shape[0], -1)).astype(jnp.float32)
+    p = a / jnp.maximum(jnp.sum(a, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
+    return -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1)), 0), axis=-1)
+
+
+def focus_mosaics(images, labels, key, n_mosaics, *, half_size=False):
+    """2 × 2 mosaics of test images of four different classes for `focus` (Arias-Duart
+    et al. 2022): the target's image sits in a random quadrant.
+
+    Args:
+        images: (M, H, W, C) float; labels: (M,) int, at least four classes present.
+        key: picks the images, classes and quadrants.
+        half_size: each tile shrunk to (H/2, W/2) (`jax.image.resize`, linear), so the
+            mosaic keeps the input size, for models that take only (H, W) (a ViT with
+            fixed position embeddings); else the mosaic is (2H, 2W).
+
+    Returns:
+        (mosaics (n, 2H, 2W, C) or (n, H, W, C), targets (n,) int, quadrant (n,) int,
+        0..3 in raster order: top-left, top-right, bottom-left, bottom-right).
+    """
+    m, h, w, c = _check_images(images)
+    labels = np.asarray(labels)
+    if labels.shape != (m,):
+        raise ValueError(f"labels must be one class per image, shape ({m},), got shape "
+                         f"{labels.shape}")
+    classes = np.unique(labels)
+    if len(classes) < 4:
+        raise ValueError(f"labels must hold at least 4 classes for 2 x 2 mosaics of "
+                         f"different classes, got {classes.tolist()}")
+    check_int("n_mosaics", n_mosaics, 1)
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+    by_class = {k: np.flatnonzero(labels == k) for k in classes}
+    picks, targets, quadrants = [], [], []
+    for _ in range(n_mosaics):
+        four = rng.choice(classes, 4, replace=False)
+        picks.append([rng.choice(by_class[k]) for k in four])
+        quadrant = int(rng.integers(4))
+        targets.append(int(four[quadrant]))
+        quadrants.append(quadrant)
+    tiles = jnp.asarray(images)[np.asarray(picks)]  # (n, 4, H, W, C)
+    if half_size:
+        tiles = jax.image.resize(tiles, tiles.shape[:2] + (h // 2, w // 2, c), "linear")
+    top = jnp.concatenate([tiles[:, 0], tiles[:, 1]], axis=2)
+    bottom = jnp.concatenate([tiles[:, 2], tiles[:, 3]], axis=2)
+    return (jnp.concatenate([top, bottom], axis=1), jnp.asarray(targets, jnp.int32),
+            jnp.asarray(quadrants, jnp.int32))
+
+
+def focus(maps, quadrants):
+    """Focus (Arias-Duart et al., 2022): the share of a mosaic's positive relevance that
+    lies in the target's quadrant, (N, H, W), (N,) -> (N,) in [0, 1]; 1 when all of it
+    does, 0.25 on average for a random map. A map without positive relevance scores 0."""
+    shape = _shape("maps", maps)
+    if len(shape) != 3 or shape[1] % 2 or shape[2] % 2:
+        raise ValueError(f"maps must be (N, H, W) with even H and W (2 x 2 mosaics), got "
+                         f"shape {shape}")
+    if _shape("quadrants", quadrants) != shape[:1]:
+        raise ValueError(f"quadrants must be one quadrant per map, shape ({shape[0]},), got "
+                         f"shape {tuple(quadrants.shape)}")
+    n, h, w = shape
+    positive = jnp.maximum(maps.astype(jnp.float32), 0)
+    per_quadrant = positive.reshape(n, 2, h // 2, 2, w // 2).sum(axis=(2, 4)).reshape(n, 4)
+    total = jnp.sum(per_quadrant, axis=-1)
+    inside = jnp.take_along_axis(per_quadrant, quadrants[:, None], axis=-1)[:, 0]
+    return jnp.where(total > 0, inside / jnp.where(total > 0, total, 1), 0.0)
+
+
+# ----------------------------------------------------------------------------------------
 # Similarity of maps.
 
 
@@ -339,12 +540,7 @@ def spearman(a, b):
     _check_pair(a, b)
     a = a.reshape(a.shape[:-2] + (-1,))
     b = b.reshape(b.shape[:-2] + (-1,))
-    ra = jax.scipy.stats.rankdata(a, axis=-1)
-    rb = jax.scipy.stats.rankdata(b, axis=-1)
-    ra = ra - jnp.mean(ra, axis=-1, keepdims=True)
-    rb = rb - jnp.mean(rb, axis=-1, keepdims=True)
-    norm = jnp.sqrt(jnp.sum(ra**2, axis=-1) * jnp.sum(rb**2, axis=-1))
-    return jnp.where(norm > 0, jnp.sum(ra * rb, axis=-1) / jnp.where(norm > 0, norm, 1), 0.0)
+    return pearson(jax.scipy.stats.rankdata(a, axis=-1), jax.scipy.stats.rankdata(b, axis=-1))
 
 
 def ssim(a, b, *, size=7, sigma=1.5, data_range=1.0):

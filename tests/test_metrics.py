@@ -185,3 +185,94 @@ def test_random_other_classes_never_pick_the_target():
     other = xm.random_other_classes(jax.random.key(0), targets, 10)
     assert not np.any(np.asarray(other) == np.asarray(targets))
     assert set(np.asarray(other).tolist()) == set(range(10))
+
+
+# ---------------------------------------------------------------------------------------
+# Faithfulness correlation, infidelity, sparseness, complexity and Focus.
+
+
+def test_faithfulness_correlation_is_one_for_the_exact_decomposition_of_an_additive_model(
+        evidence, images):
+    """EvidenceNet's logit 0 is additive in pixels: setting S to black removes exactly
+    Σ_{i∈S} (its contribution / 50), so that map correlates perfectly."""
+    model, variables, contribution = evidence
+    targets = jnp.zeros((8,), jnp.int32)
+    exact = xm.faithfulness_correlation(model, variables, images, contribution / 50.0,
+                                        targets, jax.random.key(0), n_subsets=40)
+    np.testing.assert_allclose(exact, 1.0, atol=1e-4)
+    noise = xm.faithfulness_correlation(model, variables, images,
+                                        xm.random_maps(jax.random.key(1), (8, 32, 32)),
+                                        targets, jax.random.key(0), n_subsets=40)
+    assert float(jnp.abs(noise).mean()) < 0.4
+    one = xm.faithfulness_correlation(model, variables, images[3:4], contribution[3:4] / 50.0,
+                                      targets[:1], jax.random.key(0), n_subsets=40,
+                                      batch_size=7)
+    np.testing.assert_allclose(one, exact[3:4], atol=1e-5)
+
+
+def test_infidelity_is_zero_for_gradient_x_input_of_a_linear_model(evidence, images):
+    """For f = wᵀx / 50, Gradient × Input is (w / 50) ⊙ x: paired with I / x it gives
+    Iᵀw / 50 = f(x) − f(x − I) exactly. Per pixel, the channel-summed gradient paired
+    with a perturbation shared by the channels is exact too. A random map is not."""
+    model, variables, _ = evidence
+    targets = jnp.zeros((8,), jnp.int32)
+    w = variables["params"]["w"][None] / 50.0
+    key = jax.random.key(2)
+    gxi = xm.infidelity(model, variables, images, w * images, targets, key,
+                        multiply_by_inputs=True, n_perturbations=16)
+    per_pixel = xm.infidelity(model, variables, images, jnp.broadcast_to(w.sum(-1), (8, 32, 32)),
+                              targets, key, n_perturbations=16)
+    wrong = xm.infidelity(model, variables, images, xm.random_maps(key, (8, 32, 32)), targets,
+                          key, n_perturbations=16)
+    assert float(jnp.max(gxi)) < 1e-8 and float(jnp.max(per_pixel)) < 1e-8
+    assert float(jnp.min(wrong)) > 1e-3
+    with pytest.raises(ValueError, match="multiply_by_inputs needs attributions per channel"):
+        xm.infidelity(model, variables, images, w.sum(-1) * jnp.ones((8, 1, 1)), targets, key,
+                      multiply_by_inputs=True)
+
+
+def test_sparseness_and_complexity_on_hand_computed_maps():
+    one_hot = jnp.zeros((1, 8, 8)).at[0, 2, 5].set(3.0)
+    constant = jnp.full((1, 8, 8), 0.7)
+    np.testing.assert_allclose(xm.sparseness(one_hot), [1.0], rtol=1e-6)
+    np.testing.assert_allclose(xm.sparseness(constant), [0.0], atol=1e-6)
+    # |[0, 0, -1, 3]| sorted: Σ (2k − n − 1) a_k = 1 + 9 = 10, / (n Σa = 16), × 4/3.
+    np.testing.assert_allclose(xm.sparseness(jnp.array([[[0.0, 0.0], [-1.0, 3.0]]])),
+                               [10 / 16 * 4 / 3], rtol=1e-6)
+    np.testing.assert_allclose(xm.complexity(one_hot), [0.0], atol=1e-6)
+    np.testing.assert_allclose(xm.complexity(constant), [np.log(64)], rtol=1e-6)
+    # shares 1/4, 1/4, 1/2 (the zero pixel adds nothing)
+    np.testing.assert_allclose(xm.complexity(jnp.array([[[1.0, -1.0], [2.0, 0.0]]])),
+                               [scipy.stats.entropy([1, 1, 2])], rtol=1e-6)
+    np.testing.assert_array_equal(xm.sparseness(jnp.zeros((2, 4, 4))), [0.0, 0.0])
+
+
+def test_focus_is_one_on_the_targets_quadrant_and_a_quarter_when_spread():
+    quadrants = jnp.array([0, 1, 2, 3])
+    maps = jnp.zeros((4, 8, 8))
+    for k, (i, j) in enumerate(((0, 0), (0, 4), (4, 0), (4, 4))):
+        maps = maps.at[k, i:i + 4, j:j + 4].set(jnp.arange(16.0).reshape(4, 4))
+    np.testing.assert_allclose(xm.focus(maps, quadrants), 1.0)
+    np.testing.assert_allclose(xm.focus(maps, (quadrants + 1) % 4), 0.0)
+    np.testing.assert_allclose(xm.focus(jnp.ones((4, 8, 8)), quadrants), 0.25)
+    # Negative relevance is not counted.
+    np.testing.assert_allclose(xm.focus(maps - 100.0 * (maps == 0), quadrants), 1.0)
+
+
+def test_focus_mosaics_put_four_classes_together_with_the_target_in_its_quadrant():
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.random((40, 8, 8, 3)), jnp.float32)
+    labels = np.arange(40) % 10
+    mosaics, targets, quadrants = xm.focus_mosaics(images, labels, jax.random.key(0), 12)
+    assert mosaics.shape == (12, 16, 16, 3)
+    for m, t, q in zip(np.asarray(mosaics), np.asarray(targets), np.asarray(quadrants)):
+        tiles = [m[i:i + 8, j:j + 8] for i in (0, 8) for j in (0, 8)]
+        found = [int(np.flatnonzero((np.asarray(images) == tile).all(axis=(1, 2, 3)))[0])
+                 for tile in tiles]
+        assert len({labels[f] for f in found}) == 4 and labels[found[q]] == t
+    again = xm.focus_mosaics(images, labels, jax.random.key(0), 12)
+    np.testing.assert_array_equal(again[0], mosaics)
+    half = xm.focus_mosaics(images, labels, jax.random.key(0), 12, half_size=True)[0]
+    assert half.shape == (12, 8, 8, 3)
+    with pytest.raises(ValueError, match="at least 4 classes"):
+        xm.focus_mosaics(images, labels % 3, jax.random.key(0), 2)
