@@ -7,7 +7,10 @@
 Pick a test image (by record, by class, or only the misclassified ones) or upload your
 own, choose explainers and a target class, and each map is shown as an overlay and as a
 raw heatmap with its colour bar, next to
-  - its deletion and insertion AUC on this image, against a random map's;
+  - its evidence on this image, against a random map's: ROAD's MoRF and LeRF AUC
+    (removed pixels imputed from their neighbours) and the deletion AUC to a blurred
+    copy. Deleting to black is not shown here: black holes push the image out of the
+    data's distribution, and on the shipped CNN it rated most maps below random;
   - the method's sanity checks from the evaluation of this checkpoint
     (`evaluate_xai.py`: cascading randomisation, and faithfulness over 1,000 images);
   - the time it took.
@@ -30,7 +33,11 @@ import numpy as np
 from cifar10_data import CLASS_NAMES
 
 ROOT = Path(__file__).resolve().parent
-EVIDENCE_STEP = 32               # pixels per point of the per-image deletion/insertion curves
+EVIDENCE_STEP = 32               # pixels per point of the per-image deletion curve
+# The per-image evidence: measures that hold when pixels are removed (Rong et al. 2022).
+EVIDENCE = (("road_morf", "ROAD AUC, most relevant removed first", "lower"),
+            ("road_lerf", "ROAD AUC, least relevant removed first", "higher"),
+            ("deletion_blur", "Deletion AUC to blur", "lower"))
 MAX_UPLOAD_PIXELS = 40_000_000   # larger uploads are refused before they are decoded
 DISPLAY_SCALE = 6                # 32 px images are shown 192 px wide, pixels kept sharp
 DEFAULT_METHODS = ("gradcam", "saliency")
@@ -161,15 +168,27 @@ def describe_sanity(card):
         return ["Sanity checks: **not evaluated** for this checkpoint (run `make evaluate`)."]
     v, rnd = card["verdicts"], card["random"]
     rho = v["randomization_mean_abs_spearman"]
-    return [
+    lines = [
         f"Randomisation test: **{v['randomization']}** (mean |ρ| {rho:.2f} to the trained "
-        f"model's maps over {len(card['randomization_levels'])} levels; < 0.5 passes)",
-        f"Over {card['num_images']:,} images: deletion AUC {card['deletion_auc']:.3f} "
-        f"({'below' if v['deletion_below_random'] else 'not below'} random "
-        f"{rnd['deletion_auc']:.3f}), insertion AUC {card['insertion_auc']:.3f} "
-        f"({'above' if v['insertion_above_random'] else 'not above'} random "
-        f"{rnd['insertion_auc']:.3f})",
-    ]
+        f"model's maps over {len(card['randomization_levels'])} levels; < 0.5 passes)"]
+    stats = card.get("statistics")
+    if stats is None:  # a card from before the statistics
+        return lines + [
+            f"Over {card['num_images']:,} images: deletion AUC {card['deletion_auc']:.3f} "
+            f"({'below' if v['deletion_below_random'] else 'not below'} random "
+            f"{rnd['deletion_auc']:.3f}), insertion AUC {card['insertion_auc']:.3f} "
+            f"({'above' if v['insertion_above_random'] else 'not above'} random "
+            f"{rnd['insertion_auc']:.3f})"]
+    words = {"better": "beats", "worse": "loses to", "tie": "ties with"}
+    for key, name, _ in EVIDENCE:
+        key = key if key in stats else key + "_auc"
+        if key in stats:
+            st, test = stats[key], stats[key]["vs_random"]
+            lines.append(f"Over {card['num_images']:,} images: {name} {st['mean']:.3f} "
+                         f"[95 % CI {st['low']:.3f}, {st['high']:.3f}], "
+                         f"**{words[test['verdict']]}** the random map's {rnd[key]:.3f} "
+                         f"(paired Wilcoxon p = {test['p_value']:.2g})")
+    return lines
 
 
 def top_k(probs, k=3):
@@ -213,8 +232,10 @@ def main():
 
     st.set_page_config(page_title="cifar10-xai explorer", layout="wide")
     st.title("cifar10-xai explorer")
-    st.caption("Each heatmap next to the evidence for trusting it: its deletion and "
-               "insertion AUC on this image, the method's sanity checks, and its time.")
+    st.caption("Each heatmap next to the evidence for trusting it: on this image, ROAD "
+               "(pixels removed and imputed from their neighbours, Rong et al. 2022) and "
+               "deletion to a blurred copy, against a random map; the method's sanity "
+               "checks; and its time.")
 
     from xai_visualizations import METHODS
 
@@ -367,17 +388,21 @@ def _compiled_explainers(checkpoint, mtime):
 
 @_cache
 def evidence_fn(checkpoint, mtime):
-    """Deletion and insertion AUC of (map, random map) on one image: one compile."""
+    """The evidence for (map, random map) on one image, one compile: ROAD's MoRF and
+    LeRF AUC and the deletion AUC to blur, each (2,)."""
     import jax
     import jax.numpy as jnp
 
-    from xai_metrics import deletion_insertion
+    from xai_metrics import deletion_insertion, road
     model, variables = load_model(checkpoint, mtime)
 
     def fn(image, maps, target):
-        out = deletion_insertion(model, variables, jnp.repeat(image[None], 2, 0), maps,
-                                 jnp.full((2,), target), step=EVIDENCE_STEP)
-        return out["deletion_auc"], out["insertion_auc"]
+        images, targets = jnp.repeat(image[None], 2, 0), jnp.full((2,), target)
+        roads = road(model, variables, images, maps, targets, jax.random.key(0))
+        blur = deletion_insertion(model, variables, images, maps, targets,
+                                  step=EVIDENCE_STEP, deletion_baseline="blur")
+        return {"road_morf": roads["morf_auc"], "road_lerf": roads["lerf_auc"],
+                "deletion_blur": blur["deletion_auc"]}
 
     return jax.jit(fn)
 
@@ -455,8 +480,8 @@ def show_method(st, checkpoint, method, image, target, pred):
     compiled.add(method)
     heatmap = np.asarray(normalize_maps(raw))
     random_map = np.random.default_rng(0).uniform(size=raw.shape).astype(np.float32)
-    deletion, insertion = evidence_fn(checkpoint, mtime)(image, np.stack([raw, random_map]),
-                                                         target)
+    evidence = {k: np.asarray(v) for k, v in evidence_fn(checkpoint, mtime)(
+        image, np.stack([raw, random_map]), target).items()}
     label = METHODS[method].label
     st.subheader(f"{label} — {CLASS_NAMES[target]}"
                  + ("" if target == pred else " (not the predicted class)"))
@@ -464,10 +489,9 @@ def show_method(st, checkpoint, method, image, target, pred):
     fig = heatmap_figure(image, heatmap, raw, METHODS[method].signed, label)
     left.pyplot(fig, clear_figure=True)
     lines = [
-        f"Deletion AUC on this image: **{float(deletion[0]):.3f}** (random map "
-        f"{float(deletion[1]):.3f}; lower is better)",
-        f"Insertion AUC on this image: **{float(insertion[0]):.3f}** (random map "
-        f"{float(insertion[1]):.3f}; higher is better)",
+        *(f"{name} on this image: **{evidence[key][0]:.3f}** (random map "
+          f"{evidence[key][1]:.3f}; {better} is better)"
+          for key, name, better in EVIDENCE),
         *describe_sanity(sanity_status(checkpoint, method)),
         f"Time: {seconds * 1000:,.0f} ms" + (", including compilation (its first call)"
                                               if compiling else ""),

@@ -40,6 +40,27 @@ from cifar10_data import EXACT_TEST_RECORDS, map_batches
 # change once the weights are random. At or above it they mostly survive them.
 RANDOMIZATION_PASS = 0.5
 
+# Every per-image measure on a card: its label, and whether lower is better (None: a
+# property of the map, not a quality, so it gets no verdict against the random map).
+MEASURES = {
+    "deletion_auc": ("deletion AUC, to black", True),
+    "insertion_auc": ("insertion AUC, from blur", False),
+    "deletion_blur": ("deletion AUC, to blur", True),
+    "road_morf_auc": ("ROAD MoRF AUC", True),
+    "road_lerf_auc": ("ROAD LeRF AUC", False),
+    "faithfulness_correlation": ("faithfulness correlation", False),
+    "infidelity": ("infidelity", True),
+    "focus": ("Focus", False),
+    "sparseness": ("sparseness (Gini)", None),
+    "complexity": ("complexity (entropy)", None),
+}
+RANDOMIZATION_SETUP = (
+    "each level re-initialises one more layer, from the output down, with the model's own "
+    "initialisers (model.init with another key); a re-initialised layer's BatchNorm takes "
+    "the fresh running statistics too (mean 0, variance 1), so the last level is the "
+    "freshly initialised model; every level explains the trained model's predicted class")
+VERDICT_MARKS = {"better": "✓", "worse": "✗", "tie": "="}
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
@@ -60,6 +81,9 @@ class EvalConfig:
     occlusion_patch: int = 4
     occlusion_stride: int = 2
     layer: Optional[str] = None           # the layer methods' layer; default: the model's
+    faithfulness_subsets: int = 100       # random pixel subsets per image (Bhatt et al.)
+    infidelity_perturbations: int = 50    # Gaussian perturbations per image (Yeh et al.)
+    focus_mosaics: int = 100              # 2 x 2 mosaics of four classes (Focus)
     seed: int = 0
     quiet: bool = False
 
@@ -69,6 +93,40 @@ class EvalConfig:
                  "n_samples": self.smoothgrad_samples, "n_masks": self.rise_masks,
                  "patch": self.occlusion_patch, "stride": self.occlusion_stride}
         return {k: v for k, v in given.items() if k in xv.METHODS[method].options}
+
+
+def mosaics_for(model, variables, images, labels, key, n):
+    """Focus's 2 x 2 mosaics of `n` test images of four classes: (2H, 2W) when the model
+    takes them (a GAP head), else of half-size tiles. Empty when n is 0 or fewer than
+    four classes are among the images."""
+    labels = np.asarray(labels)
+    if n == 0 or len(np.unique(labels)) < 4:
+        empty = jnp.zeros((0,) + images.shape[1:], images.dtype)
+        return empty, jnp.zeros((0,), jnp.int32), jnp.zeros((0,), jnp.int32)
+    h, w, c = images.shape[1:]
+    try:
+        jax.eval_shape(model.apply, variables, jax.ShapeDtypeStruct((1, 2 * h, 2 * w, c),
+                                                                    images.dtype))
+        half = False
+    except Exception:  # noqa: BLE001 - any failure to trace means it takes (H, W) only
+        half = True
+    return xm.focus_mosaics(images, labels, key, n, half_size=half)
+
+
+def statistics(per_image, reference, seed=0):
+    """Each measure of `MEASURES` in `per_image`: its mean with a 95 % bootstrap interval,
+    and, where it has a better side, the paired Wilcoxon verdict against the random
+    maps' values on the same images."""
+    out = {}
+    for name, (_, lower) in MEASURES.items():
+        if name not in per_image:
+            continue
+        entry = xm.mean_interval(per_image[name], seed)
+        if lower is not None and name in reference:
+            entry["vs_random"] = xm.paired_verdict(per_image[name], reference[name],
+                                                   lower_is_better=lower)
+        out[name] = entry
+    return out
 
 
 def run_chunks(fn, arrays, chunk, bar=None):
@@ -99,11 +157,33 @@ class Evaluation:
             deletion_baseline=config.deletion_baseline,
             insertion_baseline=config.insertion_baseline, batch_size=config.batch_size))
         self.fractions = xm.curve_fractions(images.shape[1] * images.shape[2], config.step)
+        key = jax.random.fold_in(self.key, 5)
+        self._faithfulness = jax.jit(lambda v, x, maps, t: {
+            "road": xm.road(model, v, x, maps, t, key, batch_size=config.batch_size),
+            "deletion_blur": xm.deletion_insertion(
+                model, v, x, maps, t, step=config.step, deletion_baseline="blur",
+                batch_size=config.batch_size)["deletion_auc"],
+            "faithfulness_correlation": xm.faithfulness_correlation(
+                model, v, x, maps, t, key, n_subsets=config.faithfulness_subsets,
+                subset_size=max(1, x.shape[1] * x.shape[2] // 10),
+                batch_size=config.batch_size),
+            "infidelity": xm.infidelity(model, v, x, maps, t, key,
+                                        n_perturbations=config.infidelity_perturbations,
+                                        batch_size=config.batch_size),
+            "sparseness": xm.sparseness(maps), "complexity": xm.complexity(maps)})
+        self.mosaics, self.mosaic_targets, self.quadrants = mosaics_for(
+            model, variables, images, labels, jax.random.fold_in(self.key, 6),
+            config.focus_mosaics)
         r = min(config.randomization_images, len(images))
         self.rand_images, self.rand_targets = images[:r], self.preds[:r]
-        fresh = jax.jit(model.init)(jax.random.fold_in(self.key, 1), images[:1])["params"]
-        self.levels, self.stacked = xm.cascading_randomization(model, variables, fresh,
+        # A fresh initialisation (its own BatchNorm statistics too): the cascade's last
+        # level is this model.
+        fresh = jax.jit(model.init)(jax.random.fold_in(self.key, 1), images[:1])
+        self.fresh = {c: fresh[c] for c in variables}
+        self.levels, self.stacked = xm.cascading_randomization(model, variables, self.fresh,
                                                                images.shape[1:])
+        self.fresh_preds = jnp.argmax(jax.jit(model.apply)(self.fresh, self.rand_images),
+                                      -1).astype(jnp.int32)
         self.other = xm.random_other_classes(jax.random.fold_in(self.key, 2),
                                              self.rand_targets, model.num_classes)
 
@@ -121,10 +201,30 @@ class Evaluation:
         bar.close()
         return {"fractions": self.fractions, **out}, time.perf_counter() - start
 
+    def measures(self, maps):
+        """ROAD, deletion to blur, faithfulness correlation, infidelity, sparseness and
+        complexity of maps of every image: per-image arrays."""
+        def measures(x, m, t):
+            out = self._faithfulness(self.variables, x, m, t)
+            road = {f"road_{k}": v for k, v in out.pop("road").items()
+                    if k in ("morf_auc", "lerf_auc", "morf_correct", "lerf_correct")}
+            return {**out, **road}
+
+        bar = tqdm(total=len(maps), desc="  ROAD and the other measures",
+                   disable=self.config.quiet, leave=False)
+        out = run_chunks(measures, [self.images, maps, self.preds], self.config.chunk, bar)
+        bar.close()
+        return out
+
     def reference(self):
-        """The random-map reference: AUCs of uniform random maps."""
+        """The random-map reference: every per-image measure of uniform random maps."""
         maps = xm.random_maps(jax.random.fold_in(self.key, 3), self.images.shape[:3])
         out, _ = self.curves(maps)
+        out.update(self.measures(maps))
+        if len(self.mosaics):
+            out["focus"] = np.asarray(xm.focus(
+                xm.random_maps(jax.random.fold_in(self.key, 7), self.mosaics.shape[:3]),
+                self.quadrants))
         return out
 
     def card(self, method):
@@ -140,6 +240,7 @@ class Evaluation:
                               batch_size=c.batch_size, **options)
 
         chunk = min(c.chunk, len(self.images))
+        fn_any = jax.jit(explain)  # the mosaics' shape compiles its own program
         start = time.perf_counter()
         fn = jax.jit(explain).lower(self.variables, self.images[:chunk],
                                     self.preds[:chunk]).compile()
@@ -150,12 +251,28 @@ class Evaluation:
         bar.close()
         maps = out.maps
         curves, curve_s = self.curves(maps)
+        start = time.perf_counter()
+        measures = self.measures(maps)
+        if len(self.mosaics):
+            mosaic_maps = run_chunks(lambda x, t: fn_any(self.variables, x, t).maps,
+                                     [self.mosaics, self.mosaic_targets], chunk)
+            measures["focus"] = np.asarray(xm.focus(jnp.asarray(mosaic_maps), self.quadrants))
+        measures_s = time.perf_counter() - start
 
         r = len(self.rand_images)
-        levels = jax.jit(lambda stacked, v, x, t: xm.randomization_maps(
-            lambda *args: explain(*args).maps, stacked, v, x, t))
-        rand_maps = levels(self.stacked, self.variables, self.rand_images, self.rand_targets)
+        levels = jax.jit(lambda stacked, x, t: xm.randomization_maps(
+            lambda *args: explain(*args).maps, stacked, x, t))
+        rand_maps = levels(self.stacked, self.rand_images, self.rand_targets)
         randomization = xm.summarize(xm.similarity(rand_maps, maps[:r]))
+        # The fully fresh model on its own, for the trained model's target (the last
+        # level of the cascade) and for its own prediction.
+        fresh_maps = run_chunks(lambda x, t: fn(self.fresh, x, t).maps,
+                                [self.rand_images, self.fresh_preds], chunk)
+        fresh_model = {
+            "for_the_trained_models_target": xm.summarize(
+                xm.similarity(rand_maps[-1], maps[:r]), axis=None),
+            "for_its_own_prediction": xm.summarize(
+                xm.similarity(jnp.asarray(fresh_maps), maps[:r]), axis=None)}
         other_maps = run_chunks(lambda x, t: fn(self.variables, x, t).maps,
                                 [self.rand_images, self.other], chunk)
         random_logit = xm.summarize(xm.similarity(other_maps, maps[:r]), axis=None)
@@ -173,25 +290,32 @@ class Evaluation:
             "insertion_auc_sem": float(jnp.std(curves["insertion_auc"]) / np.sqrt(len(maps))),
             "randomization_levels": self.levels,
             "randomization": randomization,
+            "randomization_setup": RANDOMIZATION_SETUP,
+            "fresh_model": fresh_model,
             "random_logit": random_logit,
             "passes_per_image": {"forward": forward, "backward": backward},
             "ms_per_image": round(1000 * seconds / len(self.images), 3),
             "compile_s": round(compile_s, 2),
             "deletion_insertion_s": round(curve_s, 2),
+            "measures_s": round(measures_s, 2),
         }
         for name, values in out.extras.items():  # e.g. IG's completeness gap
             card[name] = {"mean": float(np.mean(values)), "median": float(np.median(values)),
                           "max": float(np.max(values))}
-        arrays = {"curves": curves, "example_maps": np.asarray(rand_maps[:, 0]),
+        arrays = {"curves": curves, "measures": measures, "example_maps": np.asarray(rand_maps[:, 0]),
                   "example_map": np.asarray(maps[0])}
         return card, arrays
 
 
-def verdicts(card, reference):
-    """Pass/fail of one card against the random reference and the randomisation rule."""
+def verdicts(card):
+    """Deletion and insertion against the random maps (the paired tests of the card's
+    statistics: a tie is not a win), and the randomisation rule."""
     cascade = float(np.mean(card["randomization"]["spearman_abs"]))
-    return {"deletion_below_random": card["deletion_auc"] < reference["deletion_auc"],
-            "insertion_above_random": card["insertion_auc"] > reference["insertion_auc"],
+    stats = card["statistics"]
+    return {"deletion_below_random":
+            stats["deletion_auc"]["vs_random"]["verdict"] == "better",
+            "insertion_above_random":
+            stats["insertion_auc"]["vs_random"]["verdict"] == "better",
             "randomization_mean_abs_spearman": round(cascade, 4),
             "randomization": "passes" if cascade < RANDOMIZATION_PASS else "fails"}
 
@@ -214,17 +338,18 @@ def markdown(report):
         rho = card["randomization"]["spearman_abs"]
         passes = card["passes_per_image"]
         params = ", ".join(f"{k}={val}" for k, val in card["parameters"].items()) or "–"
+        marks = {k: VERDICT_MARKS[card["statistics"][k]["vs_random"]["verdict"]]
+                 for k in ("deletion_auc", "insertion_auc")}
         lines.append(
-            f"| {card['method']} | {card['deletion_auc']:.3f}"
-            f"{'' if v['deletion_below_random'] else ' ✗'} | {card['insertion_auc']:.3f}"
-            f"{'' if v['insertion_above_random'] else ' ✗'} | {rho[0]:.2f} → {rho[-1]:.2f} "
+            f"| {card['method']} | {card['deletion_auc']:.3f} {marks['deletion_auc']} | "
+            f"{card['insertion_auc']:.3f} {marks['insertion_auc']} | {rho[0]:.2f} → {rho[-1]:.2f} "
             f"({v['randomization_mean_abs_spearman']:.2f}, {v['randomization']}) | {card['random_logit']['ssim']:.2f} | "
             f"{card['ms_per_image']:.2f} | {passes['forward']} + {passes['backward']} | "
             f"{params} |")
     if cards:
         levels = next(iter(cards.values()))["randomization_levels"]
         lines += ["", "Cascading randomisation, mean Spearman ρ of |map| (ρ of the signed map, SSIM) "
-                  "with the trained model's map; each column re-initialises one more layer:",
+                  f"with the trained model's map; {RANDOMIZATION_SETUP}:",
                   "", "| method | " + " | ".join(levels) + " |",
                   "| --- |" + " --- |" * len(levels)]
         for card in cards.values():
@@ -232,6 +357,34 @@ def markdown(report):
             lines.append(f"| {card['method']} | " + " | ".join(
                 f"{a:.2f} ({s:.2f}, {q:.2f})" for a, s, q in
                 zip(r["spearman_abs"], r["spearman_signed"], r["ssim"])) + " |")
+        lines += ["", "The freshly initialised model on its own, mean ρ of |map| with the "
+                  "trained model's map: explaining the trained model's predicted class "
+                  "(the cascade's last level) and its own prediction:", "",
+                  "| method | trained model's class | its own prediction |",
+                  "| --- | --- | --- |"]
+        for card in cards.values():
+            f = card["fresh_model"]
+            lines.append(f"| {card['method']} | "
+                         f"{f['for_the_trained_models_target']['spearman_abs']:.2f} | "
+                         f"{f['for_its_own_prediction']['spearman_abs']:.2f} |")
+    if cards:
+        shown = [k for k in MEASURES if k in next(iter(cards.values()))["statistics"]]
+        lines += ["", "Every measure per image, as the mean and its 95 % bootstrap interval; "
+                  "✓ beats the random map on the same images, ✗ loses to it, = a tie "
+                  "(paired Wilcoxon signed-rank test, p < 0.05; p-values in "
+                  "evaluation.json). ↓/↑: lower/higher is better.", "",
+                  "| method | " + " | ".join(
+                      MEASURES[k][0] + {True: " ↓", False: " ↑", None: ""}[MEASURES[k][1]]
+                      for k in shown) + " |", "| --- |" + " --- |" * len(shown),
+                  "| random map | " + " | ".join(
+                      f"{ref[k]:.3f}" if k in ref else "" for k in shown) + " |"]
+        for card in cards.values():
+            cells = []
+            for k in shown:
+                st = card["statistics"][k]
+                mark = VERDICT_MARKS[st["vs_random"]["verdict"]] if "vs_random" in st else ""
+                cells.append(f"{st['mean']:.3f} [{st['low']:.3f}, {st['high']:.3f}] {mark}")
+            lines.append(f"| {card['method']} | " + " | ".join(cells) + " |")
     skipped = report.get("skipped") or {}
     if skipped:
         lines += ["", "Not evaluated, since they cannot explain this model: "
@@ -332,13 +485,17 @@ def evaluate(config: EvalConfig, model=None, variables=None, data=None):
     reference = run.reference()
     report = {"num_images": n, "accuracy": float(jnp.mean(run.preds == run.labels)),
               "device": cli.describe_device(), "config": dataclasses.asdict(config),
-              "random_reference": {"deletion_auc": float(jnp.mean(reference["deletion_auc"])),
-                                   "insertion_auc": float(jnp.mean(reference["insertion_auc"]))},
+              "random_reference": {k: float(np.mean(reference[k])) for k in MEASURES
+                                   if k in reference},
               "methods": {}, "skipped": skipped}
     arrays = {}
     for method in tqdm(config.methods, desc="methods", disable=config.quiet):
         card, arrays[method] = run.card(method)
-        card["verdicts"] = verdicts(card, report["random_reference"])
+        per_image = {**{k: arrays[method]["curves"][k] for k in ("deletion_auc",
+                                                                  "insertion_auc")},
+                     **arrays[method]["measures"]}
+        card["statistics"] = statistics(per_image, reference, config.seed)
+        card["verdicts"] = verdicts(card)
         report["methods"][method] = card
         atomic_write(out / "evaluation.json",
                       lambda f: f.write(json.dumps(report, indent=2).encode()))
@@ -379,6 +536,11 @@ def parse_args(argv=None) -> EvalConfig:
                        ("rise_masks", "RISE masks"),
                        ("occlusion_patch", "occlusion square side, px"),
                        ("occlusion_stride", "occlusion stride, px"),
+                       ("faithfulness_subsets", "random pixel subsets per image in the "
+                                                "faithfulness correlation"),
+                       ("infidelity_perturbations", "Gaussian perturbations per image in "
+                                                    "the infidelity"),
+                       ("focus_mosaics", "2 x 2 mosaics of four test classes for Focus"),
                        ("seed", "seeds the random maps, SmoothGrad, RISE and the random "
                                 "weights")]:
         parser.add_argument("--" + name.replace("_", "-"),

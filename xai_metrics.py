@@ -646,38 +646,50 @@ def randomization_levels(model, variables,
     return [("/".join(g[0]) or "(top level)", tuple(g)) for g in reversed(groups)]
 
 
-def cascading_randomization(model, variables, random_params, image_shape=None):
-    """Parameters for every level of the cascade, stacked on a leading axis.
+def cascading_randomization(model, variables, random_variables, image_shape=None):
+    """The variables of every level of the cascade, stacked on a leading axis.
 
-    Level l has the first l + 1 groups of `randomization_levels(model, variables)` replaced by
-    `random_params` (a fresh initialisation of the same model, e.g. `model.init` with
-    another key); the rest keep their trained values. BatchNorm's running statistics
-    stay those of the trained model.
+    Level l has the first l + 1 groups of `randomization_levels(model, variables)`
+    re-initialised from `random_variables`, a fresh initialisation of the same model
+    (`model.init` with another key); the rest keep their trained values.
+
+    What a re-initialised layer normalises with: given the whole fresh variables
+    ({'params', 'batch_stats'}), its BatchNorm takes the fresh running statistics too
+    (mean 0, variance 1), so the last level *is* the freshly initialised model. Given
+    only fresh 'params', the trained statistics stay; random weights are then normalised
+    with statistics of activations they never produce, which scrambles the activations
+    far more than a random initialisation does (on the shipped CNN, Grad-CAM's ρ at the
+    last level was 0.08 that way, against 0.45 for the fresh model).
 
     Returns:
-        (labels [L], params with a leading axis L).
+        (labels [L], variables with a leading axis L on every leaf).
     """
-    if jax.tree.structure(random_params) != jax.tree.structure(variables["params"]):
-        raise ValueError("random_params must have the same structure as variables['params'] "
-                         "(initialise the same model with another key), got a different tree")
+    fresh = random_variables
+    if hasattr(fresh, "keys") and set(fresh) == set(variables) and (
+            jax.tree.structure(fresh) == jax.tree.structure(variables)):
+        collections = {c: traverse_util.flatten_dict(fresh[c]) for c in fresh}
+    elif jax.tree.structure(fresh) == jax.tree.structure(variables["params"]):
+        collections = {"params": traverse_util.flatten_dict(fresh)}
+    else:
+        raise ValueError(f"random_variables must be a fresh initialisation of the same "
+                         f"model, its variables {sorted(variables)} or their 'params', "
+                         f"got a different tree")
     levels = randomization_levels(model, variables, image_shape)
-    current = traverse_util.flatten_dict(variables["params"])
-    random = traverse_util.flatten_dict(random_params)
+    current = {c: traverse_util.flatten_dict(variables[c]) for c in variables}
     stacked = []
     for _, paths in levels:
-        for path in paths:  # every parameter of the module at `path` (the root: its own)
-            current.update({k: v for k, v in random.items()
-                            if k[:len(path)] == path and (path or len(k) == 1)})
-        stacked.append(traverse_util.unflatten_dict(current))
+        for path in paths:  # every variable of the module at `path` (the root: its own)
+            for c, random in collections.items():
+                current[c].update({k: v for k, v in random.items()
+                                   if k[:len(path)] == path and (path or len(k) == 1)})
+        stacked.append({c: traverse_util.unflatten_dict(flat) for c, flat in current.items()})
     return [label for label, _ in levels], jax.tree.map(lambda *a: jnp.stack(a), *stacked)
 
 
-def randomization_maps(explain_fn, stacked_params, variables, images, targets):
-    """`explain_fn(variables, images, targets) -> maps` at every level, vectorised over
-    the levels: (L, N, H, W). `variables` supplies everything but 'params'."""
-    def at_level(params):
-        return explain_fn({**variables, "params": params}, images, targets)
-    return jax.vmap(at_level)(stacked_params)
+def randomization_maps(explain_fn, stacked_variables, images, targets):
+    """`explain_fn(variables, images, targets) -> maps` at every level of
+    `cascading_randomization`, vectorised over the levels: (L, N, H, W)."""
+    return jax.vmap(lambda v: explain_fn(v, images, targets))(stacked_variables)
 
 
 def random_other_classes(key, targets, num_classes):
@@ -685,6 +697,56 @@ def random_other_classes(key, targets, num_classes):
     check_int("num_classes", num_classes, 2)
     shift = jax.random.randint(key, targets.shape, 1, num_classes)
     return (targets + shift) % num_classes
+
+
+# ----------------------------------------------------------------------------------------
+# Statistics for the cards: an interval on every mean, and a paired test for every
+# comparison, so that a near-tie is printed as a tie, not as a win.
+
+
+def mean_interval(values, seed: int = 0, *, level: float = 0.95, n_resamples: int = 2000):
+    """The mean of per-image `values` and its `level` bootstrap percentile interval
+    (`scipy.stats.bootstrap`, resampling images): {'mean', 'low', 'high'}."""
+    import scipy.stats  # noqa: PLC0415
+
+    values = np.asarray(values, np.float64).ravel()
+    if values.size == 0 or not np.all(np.isfinite(values)):
+        raise ValueError(f"values must be finite numbers, at least one, got {values!r}")
+    mean = float(np.mean(values))
+    if values.size == 1 or np.all(values == values[0]):
+        return {"mean": mean, "low": mean, "high": mean}
+    ci = scipy.stats.bootstrap((values,), np.mean, confidence_level=level,
+                               n_resamples=n_resamples, method="percentile",
+                               rng=np.random.default_rng(seed)).confidence_interval
+    return {"mean": mean, "low": float(ci.low), "high": float(ci.high)}
+
+
+def paired_verdict(values, reference, *, lower_is_better: bool, alpha: float = 0.05):
+    """Whether per-image `values` beat the `reference` on the same images, by the paired
+    two-sided Wilcoxon signed-rank test (`scipy.stats.wilcoxon`).
+
+    Returns:
+        {'verdict': 'better' | 'worse' | 'tie', 'p_value', 'median_difference'}: 'tie'
+        when p >= `alpha` (or every difference is 0); otherwise the side of the median
+        difference values − reference.
+    """
+    import scipy.stats  # noqa: PLC0415
+
+    values = np.asarray(values, np.float64).ravel()
+    reference = np.asarray(reference, np.float64).ravel()
+    if values.shape != reference.shape or values.size == 0:
+        raise ValueError(f"values and reference must be paired, one per image, got shapes "
+                         f"{values.shape} and {reference.shape}")
+    difference = values - reference
+    median = float(np.median(difference))
+    if np.all(difference == 0):
+        return {"verdict": "tie", "p_value": 1.0, "median_difference": 0.0}
+    p = float(scipy.stats.wilcoxon(values, reference).pvalue)
+    if not p < alpha or median == 0:
+        verdict = "tie"
+    else:
+        verdict = "better" if (median < 0) == lower_is_better else "worse"
+    return {"verdict": verdict, "p_value": p, "median_difference": median}
 
 
 def summarize(values: Dict[str, jnp.ndarray], axis=-1) -> Dict[str, list]:

@@ -62,8 +62,11 @@ def test_a_test_image_is_shown_with_prediction_maps_and_evidence(page, checkpoin
     assert [h.value for h in page.subheader] == [f"Grad-CAM — {CLASS_NAMES[pred]}",
                                                  f"Saliency — {CLASS_NAMES[pred]}"]
     assert len(page.get("image")) == 1 + 2  # the image, then one figure per explainer
-    assert text.count("Deletion AUC on this image") == 2
-    assert text.count("Insertion AUC on this image") == 2
+    for name in ("ROAD AUC, most relevant removed first on this image",
+                 "ROAD AUC, least relevant removed first on this image",
+                 "Deletion AUC to blur on this image"):
+        assert text.count(name) == 2, name
+    assert "Deletion AUC on this image" not in text  # to black: not a measure that holds
     assert text.count("Sanity checks: **not evaluated** for this checkpoint") == 2
     assert "including compilation (its first call)" in text
     # the shipped checkpoints are listed after the chosen one; only the methods that fit

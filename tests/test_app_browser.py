@@ -112,7 +112,7 @@ def test_the_page_explains_images_in_a_real_browser(server):
         expect(figures).to_have_count(3, timeout=TIMEOUT_MS)  # the image and two figures
         for i in range(3):
             assert figures.nth(i).evaluate("img => img.complete && img.naturalWidth > 0")
-        expect(page.get_by_text("Deletion AUC on this image").first).to_be_visible()
+        expect(page.get_by_text("ROAD AUC, most relevant removed first on this image").first).to_be_visible()
         page.screenshot(path=ARTIFACTS / "app_correct.png", full_page=True)
 
         # Choose a misclassified image by its record and add Grad-CAM++.

@@ -203,6 +203,7 @@ def test_the_vits_randomisation_cascade_ends_with_its_own_parameters(zoo):
     assert levels[-1] == ("(top level)", ((),))
     zeros = jax.tree.map(jnp.zeros_like, variables["params"])  # "random" = 0, to see what moved
     _, stacked = xm.cascading_randomization(model, variables, zeros)
+    stacked = stacked["params"]
     before_last = jax.tree.map(lambda a: a[-2], stacked)
     np.testing.assert_array_equal(before_last["pos_embed"], variables["params"]["pos_embed"])
     assert not any(np.any(leaf) for key, leaf in before_last.items() if key != "pos_embed"

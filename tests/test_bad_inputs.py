@@ -312,7 +312,7 @@ CASES = [
      ValueError, "variables must be the model's variables, a dict with 'params'"),
     ("randomization: random params of another model",
      lambda e: xm.cascading_randomization(e.model, e.variables, {"Dense_0": {}}),
-     ValueError, "random_params must have the same structure as variables['params']"),
+     ValueError, "random_variables must be a fresh initialisation of the same model"),
     ("random logit: one class", lambda e: xm.random_other_classes(jax.random.key(0),
                                                                  jnp.zeros(2, int), 1),
      ValueError, "num_classes must be an int >= 2, got 1"),

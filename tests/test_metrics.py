@@ -141,22 +141,35 @@ def test_randomization_levels_run_from_the_output_down_to_conv1(cnn):
     assert xm.randomization_levels(model, {**variables, "params": sorted_params}) == levels
 
 
-def test_cascading_randomization_replaces_one_more_layer_per_level(cnn):
+@pytest.mark.parametrize("given", ["variables", "params"])
+def test_cascading_randomization_replaces_one_more_layer_per_level(cnn, given):
+    """Given the fresh variables, a re-initialised layer takes the fresh BatchNorm
+    statistics too, and the last level is the fresh model exactly; given only fresh
+    params, the trained statistics stay everywhere."""
     model, variables = cnn
-    fresh = jax.jit(model.init)(jax.random.key(9), jnp.zeros((1, 32, 32, 3)))["params"]
-    labels, stacked = xm.cascading_randomization(model, variables, fresh)
+    fresh = jax.jit(model.init)(jax.random.key(9), jnp.zeros((1, 32, 32, 3)))
+    labels, stacked = xm.cascading_randomization(
+        model, variables, fresh if given == "variables" else fresh["params"])
     levels = xm.randomization_levels(model, variables)
-    stacked, fresh, trained = jax.device_get((stacked, fresh, variables["params"]))
+    stacked, fresh, trained = jax.device_get((stacked, fresh, variables))
+    assert set(stacked) == {"params", "batch_stats"}
     for level in range(len(labels)):
-        params = jax.tree.map(lambda a: a[level], stacked)
+        at_level = jax.tree.map(lambda a: a[level], stacked)
         for index, (_, paths) in enumerate(levels):
             for path in paths:
-                got = flax.core.unfreeze(params)
-                want = flax.core.unfreeze(fresh if index <= level else trained)
-                for k in path:  # the module's subtree, looked up by hand
-                    got, want = got[k], want[k]
-                assert all(jax.tree.leaves(jax.tree.map(np.array_equal, got, want))), (
-                    level, path)
+                for collection in ("params", "batch_stats"):
+                    got = flax.core.unfreeze(at_level[collection])
+                    new = index <= level and (collection == "params" or given == "variables")
+                    want = flax.core.unfreeze((fresh if new else trained)[collection])
+                    if path[0] not in want or (len(path) > 1 and path[1] not in want[path[0]]):
+                        continue  # a module without statistics
+                    for k in path:  # the module's subtree, looked up by hand
+                        got, want = got[k], want[k]
+                    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, got, want))), (
+                        level, path, collection)
+    if given == "variables":
+        last = jax.tree.map(lambda a: a[-1], stacked)
+        assert all(jax.tree.leaves(jax.tree.map(np.array_equal, last, fresh)))
 
 
 def test_maps_of_a_randomised_model_decorrelate_from_the_trained_models():
@@ -165,7 +178,7 @@ def test_maps_of_a_randomised_model_decorrelate_from_the_trained_models():
     is. (Guided Backprop's failure of this check is in the README's evaluation.)"""
     model, variables = tc.load_checkpoint(tc.PRETRAINED)
     images = jax.random.uniform(jax.random.key(5), (4, 32, 32, 3))
-    fresh = jax.jit(model.init)(jax.random.key(6), images[:1])["params"]
+    fresh = jax.jit(model.init)(jax.random.key(6), images[:1])
     _, stacked = xm.cascading_randomization(model, variables, fresh)
     stacked = jax.device_get(stacked)
     targets = jnp.argmax(model.apply(variables, images), -1)
@@ -174,8 +187,7 @@ def test_maps_of_a_randomised_model_decorrelate_from_the_trained_models():
     np.testing.assert_allclose(xm.spearman(trained, trained), 1.0, rtol=1e-6)
     rho = []
     for level in (0, -1):
-        params = jax.tree.map(lambda a: a[level], stacked)
-        maps = explain({**variables, "params": params}, images, targets)
+        maps = explain(jax.tree.map(lambda a: a[level], stacked), images, targets)
         rho.append(float(jnp.mean(xm.similarity(maps, trained)["spearman_abs"])))
     assert rho[1] < 0.5 and rho[1] < rho[0], rho
 
@@ -276,3 +288,32 @@ def test_focus_mosaics_put_four_classes_together_with_the_target_in_its_quadrant
     assert half.shape == (12, 8, 8, 3)
     with pytest.raises(ValueError, match="at least 4 classes"):
         xm.focus_mosaics(images, labels % 3, jax.random.key(0), 2)
+
+
+def test_a_difference_of_noise_only_is_a_tie_and_a_real_one_is_not():
+    rng = np.random.default_rng(0)
+    base = rng.random(200)
+    a, b = base + 0.01 * rng.standard_normal(200), base + 0.01 * rng.standard_normal(200)
+    tie = xm.paired_verdict(a, b, lower_is_better=True)
+    assert tie["verdict"] == "tie" and tie["p_value"] > 0.05
+    better = xm.paired_verdict(a - 0.02, b, lower_is_better=True)
+    assert better["verdict"] == "better" and better["p_value"] < 1e-6
+    assert xm.paired_verdict(a - 0.02, b, lower_is_better=False)["verdict"] == "worse"
+    assert xm.paired_verdict(a, a, lower_is_better=True) == {
+        "verdict": "tie", "p_value": 1.0, "median_difference": 0.0}
+    # The p-value is scipy's paired signed-rank test, not a re-derivation.
+    assert better["p_value"] == scipy.stats.wilcoxon(a - 0.02, b).pvalue
+
+
+def test_the_bootstrap_interval_holds_the_mean_and_narrows_with_more_images():
+    rng = np.random.default_rng(1)
+    few, many = rng.random(20), rng.random(2000)
+    small, large = xm.mean_interval(few, 0), xm.mean_interval(many, 0)
+    for v, ci in ((few, small), (many, large)):
+        assert ci["low"] < ci["mean"] < ci["high"] and ci["mean"] == pytest.approx(v.mean())
+    assert large["high"] - large["low"] < 0.3 * (small["high"] - small["low"])
+    # Uniform on [0, 1]: σ = 0.289, so the 95 % interval of 2000 means is ~ ±0.0127.
+    assert large["high"] - large["low"] == pytest.approx(2 * 1.96 * 0.2887 / np.sqrt(2000),
+                                                         rel=0.15)
+    assert xm.mean_interval(few, 0) == small  # seeded
+    assert xm.mean_interval([0.3, 0.3], 0) == {"mean": 0.3, "low": 0.3, "high": 0.3}
