@@ -169,7 +169,7 @@ class Evaluation:
                 batch_size=config.batch_size),
             "infidelity": xm.infidelity(model, v, x, maps, t, key,
                                         n_perturbations=config.infidelity_perturbations,
-                                        batch_size=config.batch_size),
+                                        normalize=True, batch_size=config.batch_size),
             "sparseness": xm.sparseness(maps), "complexity": xm.complexity(maps)})
         self.mosaics, self.mosaic_targets, self.quadrants = mosaics_for(
             model, variables, images, labels, jax.random.fold_in(self.key, 6),

@@ -317,8 +317,6 @@ def data_parallel_shardings():
     each batch is split across the devices, and XLA sums the gradients and the
     BatchNorm statistics over the whole batch.
     """
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") and not jax.distributed.is_initialized():
-        jax.distributed.initialize()  # a multi-host launch (untested here)
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
             jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
@@ -327,10 +325,20 @@ def data_parallel_shardings():
 def evaluate(state, images, labels, batch_size: int, sharding=None):
     """Per-example {'loss', 'correct'} numpy arrays over a whole set, fixed batch shapes;
     each batch is placed with `sharding` when given."""
-    place = None if sharding is None else (lambda batch: jax.device_put(batch, sharding))
+    if sharding is None:
+        return cifar10_data.map_batches(
+            lambda x, y: eval_step(state, {"image": x, "label": y}), [images, labels],
+            batch_size)
+    # Outputs gathered onto every device, so that every process can read them all.
+    step = _gathered_eval_step(_replicated(sharding))
     return cifar10_data.map_batches(
-        lambda x, y: eval_step(state, {"image": x, "label": y}), [images, labels],
-        batch_size, place=place)
+        lambda x, y: step(state, {"image": x, "label": y}), [images, labels], batch_size,
+        place=lambda batch: jax.device_put(batch, sharding))
+
+
+@functools.lru_cache(maxsize=None)
+def _gathered_eval_step(replicated):
+    return jax.jit(eval_step, out_shardings=replicated)
 
 
 def default_steps_per_call() -> int:
@@ -356,7 +364,9 @@ def train_epoch(state, images, labels, batch_size: int, key, bar, sharding=None,
     """
     order = epoch_indices(key, len(labels), batch_size)
     if sharding is not None:  # every device holds the whole order, like the data set
-        order = jax.device_put(order, _replicated(sharding))
+        # (through the host: every process computed the same order, and a process can
+        # only place what it holds)
+        order = jax.device_put(np.asarray(order), _replicated(sharding))
     steps = len(order)
     block = steps_per_call or steps
     metrics = []
@@ -585,7 +595,7 @@ def train_and_evaluate(config: TrainConfig, *, model=None, data=None):
         state, start_epoch, history = load_state(saved, state, run_settings(config))
         if not config.quiet:
             print(f"resuming after epoch {start_epoch} from {saved}")
-    state = jax.device_put(state, replicated)
+    state = jax.device_put(jax.device_get(state), replicated)  # from the host, as above
     step_options = dict(augmented=settings["augment"],
                         label_smoothing=settings["label_smoothing"])
     steps_per_call = (default_steps_per_call() if config.steps_per_call is None
@@ -621,7 +631,7 @@ def train_and_evaluate(config: TrainConfig, *, model=None, data=None):
                 f"--lr){kept}")
         del train_metrics["losses"], row["train_losses"]
         history.append(row)
-        if config.checkpoint_dir:
+        if config.checkpoint_dir and cli.is_writer():
             save_state(config.checkpoint_dir, state, epoch + 1, history, run_settings(config),
                        config.keep)
         if not config.quiet:
@@ -736,6 +746,10 @@ def main(argv=None):
         sys.argv[1:] if argv is None else argv))
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     report = Path(config.output).with_suffix(".json")
+    if not cli.is_writer():
+        print(f"process {jax.process_index()} of {jax.process_count()}: test accuracy "
+              f"{metrics['test_accuracy']:.4f}; process 0 writes the files")
+        return
     save_checkpoint(config.output, model, variables, config, metrics)
     write_report(report, config, model, metrics)
     plot_history(metrics["history"], history_plot)

@@ -56,6 +56,49 @@ def exit_status(error: BaseException):
     return None
 
 
+# A process joins a multi-process run (one per host, or several on one machine) when the
+# first is set; the other two are then required. See docs/scaling.md.
+DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+
+
+def start_distributed() -> bool:
+    """Joins the multi-process run that `DISTRIBUTED_ENV` describes, before anything
+    starts a JAX backend (`jax.distributed.initialize` must come first); on the CPU the
+    processes talk through gloo. Returns whether this is a multi-process run.
+
+    Every process then sees every process's devices (`jax.devices()`), and jitted
+    programs over a mesh of them run on all at once; `jax.process_index()` is this
+    process's place, and only process 0 writes files.
+    """
+    address = os.environ.get(DISTRIBUTED_ENV[0])
+    if not address:
+        return False
+    values = {}
+    for name in DISTRIBUTED_ENV[1:]:
+        text = os.environ.get(name, "")
+        if not text.isdigit():
+            raise ValueError(f"{name} must be set to an int when {DISTRIBUTED_ENV[0]} is "
+                             f"set (a multi-process run), got {text!r}")
+        values[name] = int(text)
+    count, index = values["JAX_NUM_PROCESSES"], values["JAX_PROCESS_ID"]
+    if count < 1 or index >= count:
+        raise ValueError(f"JAX_PROCESS_ID must be in [0, JAX_NUM_PROCESSES = {count}), got "
+                         f"{index}")
+    import jax  # noqa: PLC0415 (the command lines' helpers need no JAX otherwise)
+
+    if not jax.distributed.is_initialized():
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(address, num_processes=count, process_id=index)
+    return True
+
+
+def is_writer() -> bool:
+    """True in the process that writes files: the only one, or process 0 of many."""
+    import jax  # noqa: PLC0415
+
+    return jax.process_index() == 0
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -71,6 +114,7 @@ def entry_point(main):
         main_thread = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
         try:
+            start_distributed()
             return main(argv)
         except KeyboardInterrupt as e:
             print(f"{prog}: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr,

@@ -390,7 +390,7 @@ def pearson(a, b):
 
 
 def infidelity(model, variables, images, attributions, targets, key, *, n_perturbations=50,
-               noise=0.1, multiply_by_inputs=False, batch_size=1024):
+               noise=0.1, multiply_by_inputs=False, normalize=False, batch_size=1024):
     """Infidelity (Yeh et al., NeurIPS 2019): E_I[(Iᵀφ − (f(x) − f(x − I)))²] over
     Gaussian perturbations I ~ N(0, noise²), f the target's logit. Lower is better.
 
@@ -400,6 +400,10 @@ def infidelity(model, variables, images, attributions, targets, key, *, n_pertur
         multiply_by_inputs: the attributions are gradient × input style, so the
             perturbation they are paired with is I / x (Captum's `multiply_by_inputs`;
             0 where x = 0): Gradient × Input of a linear model then scores 0.
+        normalize: scale each image's attributions by the β that minimises its
+            infidelity, β = E[Iᵀφ · Δf] / E[(Iᵀφ)²] (Captum's `normalize`): the measure
+            then ignores the map's overall scale, which differs between methods (and a
+            random map's is arbitrary), and compares the maps' shapes.
         key: the perturbations, the same for every image.
 
     Returns:
@@ -432,9 +436,16 @@ def infidelity(model, variables, images, attributions, targets, key, *, n_pertur
                      if multiply_by_inputs else pert)
             paired = jnp.sum(scale * phi[i], axis=(1, 2, 3))
         drop = full[i] - _target_logits(model, variables, images[i] - pert, targets[i])
-        return (paired - drop) ** 2
+        return jnp.stack([paired, drop], -1)
 
-    return map_pairs(error, n, n_perturbations, batch_size, total=True) / n_perturbations
+    paired, drop = jnp.moveaxis(map_pairs(error, n, n_perturbations, batch_size,
+                                          total=False), -1, 0)  # each (S, N)
+    if normalize:
+        power = jnp.sum(paired**2, axis=0)
+        beta = jnp.where(power > 0, jnp.sum(paired * drop, axis=0) / jnp.where(
+            power > 0, power, 1), 0.0)
+        paired = beta[None] * paired
+    return jnp.mean((paired - drop) ** 2, axis=0)
 
 
 def sparseness(maps):

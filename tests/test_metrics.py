@@ -238,6 +238,15 @@ def test_infidelity_is_zero_for_gradient_x_input_of_a_linear_model(evidence, ima
                           key, n_perturbations=16)
     assert float(jnp.max(gxi)) < 1e-8 and float(jnp.max(per_pixel)) < 1e-8
     assert float(jnp.min(wrong)) > 1e-3
+    # Normalised, the scale of a map no longer matters: the exact map times 7 scores 0,
+    # and for any map the value is at most the unnormalised one (β = 1 is a candidate).
+    scaled = xm.infidelity(model, variables, images, 7 * w * images, targets, key,
+                           multiply_by_inputs=True, n_perturbations=16, normalize=True)
+    assert float(jnp.max(scaled)) < 1e-8
+    normalised = xm.infidelity(model, variables, images, xm.random_maps(key, (8, 32, 32)),
+                               targets, key, n_perturbations=16, normalize=True)
+    assert np.all(np.asarray(normalised) <= np.asarray(wrong) * (1 + 1e-5))
+    assert float(jnp.min(normalised)) > 1e-4
     with pytest.raises(ValueError, match="multiply_by_inputs needs attributions per channel"):
         xm.infidelity(model, variables, images, w.sum(-1) * jnp.ones((8, 1, 1)), targets, key,
                       multiply_by_inputs=True)

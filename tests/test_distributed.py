@@ -1,0 +1,86 @@
+"""Multi-process runs on one machine, as on N hosts: two CPU processes on 127.0.0.1 join
+through `jax.distributed` (gloo collectives), each started by the same command with
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID set, against one process."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import checkpoints
+import xai_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+FLAGS = ["--smoke", "--epochs", "1", "--width", "4", "--batch-size", "16", "--quiet"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(script, args, cwd, data_dir, process=None):
+    env = dict(os.environ, CIFAR10_DIR=str(data_dir), JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=str(ROOT / ".cache" / "jax"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2")
+    for name in xai_cli.DISTRIBUTED_ENV:
+        env.pop(name, None)
+    if process is not None:
+        index, count, port = process
+        env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(count),
+                   JAX_PROCESS_ID=str(index))
+    return subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process):
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0 and "Traceback" not in err, err
+    return out
+
+
+def test_two_processes_train_the_parameters_of_one(binary_dataset, tmp_path):
+    """The same command in two processes (one CPU device each, the batch split between
+    them, BatchNorm over the whole batch) gives the parameters of one process; only
+    process 0 writes the checkpoint and the training states."""
+    data_dir = binary_dataset[0]
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    port = free_port()
+    both = [start("train_cifar10.py", FLAGS, tmp_path / "two", data_dir, (i, 2, port))
+            for i in range(2)]
+    alone = start("train_cifar10.py", FLAGS, tmp_path / "one", data_dir)
+    outs = [finish(p) for p in both]
+    finish(alone)
+    assert "process 1 of 2" in outs[1] and "wrote" in outs[0] and "wrote" not in outs[1]
+    smoke = Path("xai_results") / "smoke_model.pkl"
+    _, one = checkpoints.load_checkpoint(tmp_path / "one" / smoke)
+    _, two = checkpoints.load_checkpoint(tmp_path / "two" / smoke)
+    leaves = jax.tree_util.tree_flatten_with_path(one)[0]
+    assert len(leaves) == len(jax.tree.leaves(two))
+    for (path, a), b in zip(leaves, jax.tree.leaves(two)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+    states = list((tmp_path / "two" / "xai_results" / "smoke_model.states").rglob("*.pkl"))
+    assert [p.name for p in states] == ["state_0001.pkl"]
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1"},
+     "JAX_NUM_PROCESSES must be set to an int when JAX_COORDINATOR_ADDRESS is set"),
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": "2",
+      "JAX_PROCESS_ID": "2"}, "JAX_PROCESS_ID must be in [0, JAX_NUM_PROCESSES = 2), got 2"),
+])
+def test_a_half_described_launch_is_refused_in_words(monkeypatch, env, message):
+    for name in xai_cli.DISTRIBUTED_ENV:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError) as error:
+        xai_cli.start_distributed()
+    assert message in str(error.value)
