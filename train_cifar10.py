@@ -329,16 +329,32 @@ def evaluate(state, images, labels, batch_size: int, sharding=None):
         return cifar10_data.map_batches(
             lambda x, y: eval_step(state, {"image": x, "label": y}), [images, labels],
             batch_size)
-    # Outputs gathered onto every device, so that every process can read them all.
-    step = _gathered_eval_step(_replicated(sharding))
+    # Each batch split across the devices; the outputs gathered onto every device, so
+    # that every process can read them all.
+    step = _split_eval_step(sharding)
     return cifar10_data.map_batches(
-        lambda x, y: step(state, {"image": x, "label": y}), [images, labels], batch_size,
-        place=lambda batch: jax.device_put(batch, sharding))
+        lambda x, y: step(state, {"image": x, "label": y}), [images, labels], batch_size)
 
 
 @functools.lru_cache(maxsize=None)
-def _gathered_eval_step(replicated):
-    return jax.jit(eval_step, out_shardings=replicated)
+def _split_eval_step(sharding):
+    return jax.jit(lambda state, batch: eval_step(
+        state, jax.lax.with_sharding_constraint(batch, sharding)),
+        out_shardings=_replicated(sharding))
+
+
+def place(tree, sharding):
+    """Host values (numpy or not yet placed) as arrays with `sharding`, which may span
+    other processes' devices: each process supplies the pieces its own devices hold, so
+    every process must pass the same values (the data, a state from the same seed)."""
+    def one(leaf):
+        if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype,
+                                                                 jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(one(jax.random.key_data(leaf)),
+                                            impl=jax.random.key_impl(leaf))
+        value = np.asarray(jax.device_get(leaf))
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+    return jax.tree.map(one, tree)
 
 
 def default_steps_per_call() -> int:
@@ -364,9 +380,8 @@ def train_epoch(state, images, labels, batch_size: int, key, bar, sharding=None,
     """
     order = epoch_indices(key, len(labels), batch_size)
     if sharding is not None:  # every device holds the whole order, like the data set
-        # (through the host: every process computed the same order, and a process can
-        # only place what it holds)
-        order = jax.device_put(np.asarray(order), _replicated(sharding))
+        # (every process computed the same order)
+        order = place(order, _replicated(sharding))
     steps = len(order)
     block = steps_per_call or steps
     metrics = []
@@ -583,7 +598,7 @@ def train_and_evaluate(config: TrainConfig, *, model=None, data=None):
         raise ValueError(f"batch_size must be a multiple of the {jax.device_count()} "
                          f"devices, got {config.batch_size}")
     replicated, split = data_parallel_shardings()
-    train_x, train_y, val_x, val_y, test_x, test_y = jax.device_put(
+    train_x, train_y, val_x, val_y, test_x, test_y = place(
         (train_x, train_y, val_x, val_y, data.test_images, data.test_labels), replicated)
 
     init_key, order_key = jax.random.split(jax.random.key(config.seed))
@@ -595,7 +610,7 @@ def train_and_evaluate(config: TrainConfig, *, model=None, data=None):
         state, start_epoch, history = load_state(saved, state, run_settings(config))
         if not config.quiet:
             print(f"resuming after epoch {start_epoch} from {saved}")
-    state = jax.device_put(jax.device_get(state), replicated)  # from the host, as above
+    state = place(state, replicated)
     step_options = dict(augmented=settings["augment"],
                         label_smoothing=settings["label_smoothing"])
     steps_per_call = (default_steps_per_call() if config.steps_per_call is None
