@@ -130,8 +130,24 @@ def statistics(per_image, reference, seed=0):
 
 
 def run_chunks(fn, arrays, chunk, bar=None):
-    """`cifar10_data.map_batches` with a progress bar."""
-    return map_batches(fn, arrays, chunk, on_batch=None if bar is None else bar.update)
+    """`cifar10_data.map_batches` with a progress bar. In a multi-process run
+    (`xai_cli.start_distributed`) each process maps its own contiguous share of the rows
+    (equal shares, the last padded with the final row) and every process gets all the
+    outputs back (`process_allgather`), so every process holds the whole card, and the
+    per-image results are those of one process: each image's maps and measures never
+    depend on its batch-mates."""
+    on_batch = None if bar is None else bar.update
+    count = jax.process_count()
+    if count == 1:
+        return map_batches(fn, arrays, chunk, on_batch=on_batch)
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    n = len(arrays[0])
+    share = -(-n // count)
+    rows = np.minimum(np.arange(share) + jax.process_index() * share, n - 1)
+    out = map_batches(fn, [a[rows] for a in arrays], chunk, on_batch=on_batch)
+    return jax.tree.map(lambda o: np.asarray(o)[:n],
+                        multihost_utils.process_allgather(out, tiled=True))
 
 
 def _timed(fn, *args):
@@ -481,7 +497,9 @@ def evaluate(config: EvalConfig, model=None, variables=None, data=None):
     images = jnp.asarray(data.test_images[:n], jnp.float32) / 255.0
     run = Evaluation(config, model, variables, images, jnp.asarray(data.test_labels[:n]))
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    writer = cli.is_writer()  # in a multi-process run, only process 0 writes
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
     reference = run.reference()
     report = {"num_images": n, "accuracy": float(jnp.mean(run.preds == run.labels)),
               "device": cli.describe_device(), "config": dataclasses.asdict(config),
@@ -497,9 +515,12 @@ def evaluate(config: EvalConfig, model=None, variables=None, data=None):
         card["statistics"] = statistics(per_image, reference, config.seed)
         card["verdicts"] = verdicts(card)
         report["methods"][method] = card
-        atomic_write(out / "evaluation.json",
-                      lambda f: f.write(json.dumps(report, indent=2).encode()))
-        atomic_write(out / "evaluation.md", lambda f: f.write(markdown(report).encode()))
+        if writer:
+            atomic_write(out / "evaluation.json",
+                         lambda f: f.write(json.dumps(report, indent=2).encode()))
+            atomic_write(out / "evaluation.md", lambda f: f.write(markdown(report).encode()))
+    if not writer:
+        return report
     plot_curves(out / "deletion_insertion.png", reference,
                 {m: a["curves"] for m, a in arrays.items()})
     plot_randomization(out / "randomization.png", np.asarray(images[0]), run.levels,
@@ -561,6 +582,10 @@ def main(argv=None):
     config = parse_args(argv)
     cli.check_writable(config.output_dir, "--output-dir", folder=True)
     report = evaluate(config)
+    if not cli.is_writer():
+        print(f"process {jax.process_index()} of {jax.process_count()}: evaluated its share "
+              "of the images; process 0 writes the files")
+        return
     if not config.quiet:
         print(markdown(report))
         print(f"wrote {config.output_dir}/evaluation.json, evaluation.md, "

@@ -26,8 +26,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start(script, args, cwd, data_dir, process=None):
-    env = dict(os.environ, CIFAR10_DIR=str(data_dir), JAX_PLATFORMS="cpu",
+def start(script, args, cwd, data_dir, process=None, **extra):
+    env = dict(os.environ, CIFAR10_DIR=str(data_dir), JAX_PLATFORMS="cpu", **extra,
                JAX_COMPILATION_CACHE_DIR=str(ROOT / ".cache" / "jax"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2")
     for name in xai_cli.DISTRIBUTED_ENV:
@@ -92,3 +92,49 @@ def test_a_half_described_launch_is_refused_in_words(monkeypatch, env, message):
     with pytest.raises(ValueError) as error:
         xai_cli.start_distributed()
     assert message in str(error.value)
+
+
+TIMINGS = {"ms_per_image", "compile_s", "deletion_insertion_s", "measures_s", "device"}
+
+
+def numbers(tree, path=""):
+    """{path: value} of every number in a report, timings and the device left out."""
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() if key not in TIMINGS
+                for k, v in numbers(value, f"{path}/{key}").items()}
+    if isinstance(tree, list):
+        return {k: v for i, value in enumerate(tree) for k, v in numbers(value, f"{path}/{i}").items()}
+    return {path: tree} if isinstance(tree, (int, float)) and not isinstance(tree, bool) else {}
+
+
+def test_two_processes_evaluate_the_card_of_one(data_dir, tmp_path, tiny_model, tiny_variables):
+    """Each process explains and measures its share of the images, and every process
+    gathers the rest: process 0's card equals one process's within 1e-6. (With JAX's
+    default threefry generator, as users run it: SmoothGrad's noise is the same for an
+    image wherever it sits in a batch only with threefry, see `conftest.threefry`.)"""
+    import json
+
+    import train_cifar10 as tc
+
+    checkpoint = tmp_path / "tiny.pkl"
+    tc.save_checkpoint(checkpoint, tiny_model, tiny_variables)
+    flags = ["--checkpoint", str(checkpoint), "--methods", "smoothgrad",
+             "--num-images", "7", "--chunk", "4", "--randomization-images", "3", "--step",
+             "128", "--smoothgrad-samples", "4", "--batch-size", "128",
+             "--faithfulness-subsets", "8", "--infidelity-perturbations", "4",
+             "--focus-mosaics", "5", "--quiet"]
+    port = free_port()
+    prng = {"JAX_DEFAULT_PRNG_IMPL": "threefry2x32"}
+    both = [start("evaluate_xai.py", flags + ["--output-dir", str(tmp_path / "two")], tmp_path,
+                  data_dir, (i, 2, port), **prng) for i in range(2)]
+    alone = start("evaluate_xai.py", flags + ["--output-dir", str(tmp_path / "one")], tmp_path,
+                  data_dir, **prng)
+    outs = [finish(p) for p in both]
+    finish(alone)
+    assert "process 1 of 2" in outs[1]
+    one = numbers(json.loads((tmp_path / "one" / "evaluation.json").read_text()))
+    two = numbers(json.loads((tmp_path / "two" / "evaluation.json").read_text()))
+    assert set(one) == set(two) and len(one) > 50
+    differ = {path: (value, two[path]) for path, value in one.items()
+              if two[path] != pytest.approx(value, abs=1e-6, rel=1e-6)}
+    assert not differ, differ
