@@ -125,7 +125,7 @@ def test_two_processes_evaluate_the_card_of_one(data_dir, tmp_path, tiny_model, 
              "--num-images", "7", "--chunk", "4", "--randomization-images", "3", "--step",
              "128", "--batch-size", "128",
              "--faithfulness-subsets", "8", "--infidelity-perturbations", "4",
-             "--focus-mosaics", "5", "--quiet"]
+             "--focus-mosaics", "0", "--quiet"]
     port = free_port()
     both = [start("evaluate_xai.py", flags + ["--output-dir", str(tmp_path / "two")], tmp_path,
                   data_dir, (i, 2, port)) for i in range(2)]
