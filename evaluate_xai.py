@@ -561,11 +561,13 @@ def parse_args(argv=None) -> EvalConfig:
                                                 "faithfulness correlation"),
                        ("infidelity_perturbations", "Gaussian perturbations per image in "
                                                     "the infidelity"),
-                       ("focus_mosaics", "2 x 2 mosaics of four test classes for Focus"),
+                       ("focus_mosaics", "2 x 2 mosaics of four test classes for Focus "
+                                         "(0: no Focus)"),
                        ("seed", "seeds the random maps, SmoothGrad, RISE and the random "
                                 "weights")]:
         parser.add_argument("--" + name.replace("_", "-"),
-                            type=cli.int_at_least(0 if name == "seed" else 1),
+                            type=cli.int_at_least(0 if name in ("seed", "focus_mosaics")
+                                                  else 1),
                             default=getattr(defaults, name),
                             help=f"{text} (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
