@@ -317,10 +317,13 @@ def test_tfds_copy_with_bad_labels_is_refused(binary_dataset, fake_tfds):
         cifar10_data.load_tfds(folder)
 
 
-def test_map_batches_pads_the_last_batch_cuts_the_padding_and_compiles_once():
+def test_map_batches_pads_the_last_batch_cuts_the_padding_and_compiles_once(caplog):
     """10 rows in batches of 4 (4, 4, 2 + 2 padding rows): the outputs are row-wise
     `fn` of every row, in order, as numpy; device and host inputs give the same; the
-    jitted `fn` and the device-side batch cutter each compile once for all offsets."""
+    jitted `fn` compiles once, and device inputs are cut by one compiled program per
+    input array for all three offsets (JAX's compile log, `jax.log_compiles`)."""
+    import logging
+
     import chex
     import jax
     import jax.numpy as jnp
@@ -337,9 +340,13 @@ def test_map_batches_pads_the_last_batch_cuts_the_padding_and_compiles_once():
 
     seen = []
     for inputs in ([rows, labels], [jnp.asarray(rows), jnp.asarray(labels)]):
-        out = cifar10_data.map_batches(fn, inputs, 4, on_batch=seen.append)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING), jax.log_compiles():
+            out = cifar10_data.map_batches(fn, inputs, 4, on_batch=seen.append)
         assert isinstance(out["sum"], np.ndarray)
         np.testing.assert_array_equal(out["sum"], rows.sum(axis=1))
         np.testing.assert_array_equal(out["label"], labels * 2)
     assert shapes == [(4, 3)] and seen == [4, 4, 2] * 2
-    assert cifar10_data._device_batcher(4)._cache_size() == 2  # one per input dtype
+    compiled = [r.getMessage() for r in caplog.records
+                if r.getMessage().startswith("Finished XLA compilation")]
+    assert len(compiled) == 2, compiled  # the device-side cutter: rows, then labels
