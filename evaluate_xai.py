@@ -129,23 +129,46 @@ def statistics(per_image, reference, seed=0):
     return out
 
 
+def local_split():
+    """The sharding that splits a batch's first axis over this process's devices (e.g.
+    the GPUs of one host, or CPU devices made with XLA_FLAGS=
+    --xla_force_host_platform_device_count=N), or None when it has one device."""
+    devices = jax.local_devices()
+    if len(devices) == 1:
+        return None
+    mesh = jax.sharding.Mesh(np.array(devices), ("images",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("images"))
+
+
+def split_chunk(chunk: int) -> int:
+    """`chunk` rounded up to a multiple of this process's device count."""
+    devices = jax.local_device_count()
+    return -(-chunk // devices) * devices
+
+
 def run_chunks(fn, arrays, chunk, bar=None):
-    """`cifar10_data.map_batches` with a progress bar. In a multi-process run
-    (`xai_cli.start_distributed`) each process maps its own contiguous share of the rows
-    (equal shares, the last padded with the final row) and every process gets all the
-    outputs back (`process_allgather`), so every process holds the whole card, and the
-    per-image results are those of one process: each image's maps and measures never
-    depend on its batch-mates."""
+    """`cifar10_data.map_batches` with a progress bar, sharded over devices and processes.
+
+    Each batch of `chunk` rows (rounded up to a multiple of the local device count) is
+    split over this process's devices (`local_split`), so a jitted `fn` runs data-parallel
+    on them. In a multi-process run (`xai_cli.start_distributed`) each process maps its
+    own contiguous share of the rows (equal shares, the last padded with the final row)
+    and every process gets all the outputs back (`process_allgather`), so every process
+    holds the whole card. The per-image results are those of one device: each image's
+    maps and measures never depend on its batch-mates."""
     on_batch = None if bar is None else bar.update
+    split = local_split()
+    place = None if split is None else (lambda batch: jax.device_put(batch, split))
+    chunk = split_chunk(chunk)
     count = jax.process_count()
     if count == 1:
-        return map_batches(fn, arrays, chunk, on_batch=on_batch)
+        return map_batches(fn, arrays, chunk, place=place, on_batch=on_batch)
     from jax.experimental import multihost_utils  # noqa: PLC0415
 
     n = len(arrays[0])
     share = -(-n // count)
     rows = np.minimum(np.arange(share) + jax.process_index() * share, n - 1)
-    out = map_batches(fn, [a[rows] for a in arrays], chunk, on_batch=on_batch)
+    out = map_batches(fn, [a[rows] for a in arrays], chunk, place=place, on_batch=on_batch)
     return jax.tree.map(lambda o: np.asarray(o)[:n],
                         multihost_utils.process_allgather(out, tiled=True))
 
@@ -258,8 +281,12 @@ class Evaluation:
         chunk = min(c.chunk, len(self.images))
         fn_any = jax.jit(explain)  # the mosaics' shape compiles its own program
         start = time.perf_counter()
-        fn = jax.jit(explain).lower(self.variables, self.images[:chunk],
-                                    self.preds[:chunk]).compile()
+        split, rows = local_split(), split_chunk(chunk)  # the batches of `run_chunks`
+        fn = jax.jit(explain).lower(
+            self.variables,
+            jax.ShapeDtypeStruct((rows, *self.images.shape[1:]), self.images.dtype,
+                                 sharding=split),
+            jax.ShapeDtypeStruct((rows,), self.preds.dtype, sharding=split)).compile()
         compile_s = time.perf_counter() - start
         bar = tqdm(total=len(self.images), desc=f"  {method}", disable=c.quiet, leave=False)
         out, seconds = _timed(lambda: run_chunks(

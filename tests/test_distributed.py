@@ -108,8 +108,9 @@ def numbers(tree, path=""):
 
 
 def test_two_processes_evaluate_the_card_of_one(data_dir, tmp_path, tiny_model, tiny_variables):
-    """Each process explains and measures its share of the images, and every process
-    gathers the rest: process 0's card equals one process's within 1e-6. Grad-CAM with
+    """Each process explains and measures its share of the images, each batch split over
+    its two CPU devices, and every process gathers the rest: process 0's card (four
+    devices in two processes) equals one process's on one device within 1e-6. Grad-CAM with
     the keyed measures (ROAD's noise, the random subsets and perturbations, the random
     maps and weights): each is drawn once per key for the whole batch. (SmoothGrad's
     noise, drawn per sample under `vmap`, is the same for an image wherever it sits in
@@ -128,14 +129,18 @@ def test_two_processes_evaluate_the_card_of_one(data_dir, tmp_path, tiny_model, 
              "--focus-mosaics", "0", "--quiet"]
     port = free_port()
     both = [start("evaluate_xai.py", flags + ["--output-dir", str(tmp_path / "two")], tmp_path,
-                  data_dir, (i, 2, port)) for i in range(2)]
+                  data_dir, (i, 2, port),
+                  XLA_FLAGS="--xla_force_host_platform_device_count=2") for i in range(2)]
     alone = start("evaluate_xai.py", flags + ["--output-dir", str(tmp_path / "one")], tmp_path,
                   data_dir)
     outs = [finish(p) for p in both]
     finish(alone)
     assert "process 1 of 2" in outs[1]
-    one = numbers(json.loads((tmp_path / "one" / "evaluation.json").read_text()))
-    two = numbers(json.loads((tmp_path / "two" / "evaluation.json").read_text()))
+    one = json.loads((tmp_path / "one" / "evaluation.json").read_text())
+    two = json.loads((tmp_path / "two" / "evaluation.json").read_text())
+    assert one["device"].endswith("x1 (jax " + jax.__version__ + ")"), one["device"]
+    assert two["device"].endswith("x4 (jax " + jax.__version__ + ")"), two["device"]
+    one, two = numbers(one), numbers(two)
     assert set(one) == set(two) and len(one) > 50
     differ = {path: (value, two[path]) for path, value in one.items()
               if two[path] != pytest.approx(value, abs=1e-6, rel=1e-6)}
