@@ -303,9 +303,8 @@ class Evaluation:
         measures_s = time.perf_counter() - start
 
         r = len(self.rand_images)
-        levels = jax.jit(lambda stacked, x, t: xm.randomization_maps(
-            lambda *args: explain(*args).maps, stacked, x, t))
-        rand_maps = levels(self.stacked, self.rand_images, self.rand_targets)
+        rand_maps = xm.randomization_maps(lambda *args: explain(*args).maps, self.stacked,
+                                          self.rand_images, self.rand_targets)
         randomization = xm.summarize(xm.similarity(rand_maps, maps[:r]))
         # The fully fresh model on its own, for the trained model's target (the last
         # level of the cascade) and for its own prediction.

@@ -699,8 +699,15 @@ def cascading_randomization(model, variables, random_variables, image_shape=None
 
 def randomization_maps(explain_fn, stacked_variables, images, targets):
     """`explain_fn(variables, images, targets) -> maps` at every level of
-    `cascading_randomization`, vectorised over the levels: (L, N, H, W)."""
-    return jax.vmap(lambda v: explain_fn(v, images, targets))(stacked_variables)
+    `cascading_randomization`: (L, N, H, W).
+
+    One level after another, so the memory is one level's explanation (not L of them, as
+    under `vmap`), through one compiled program whose level index is an argument.
+    """
+    level = jax.jit(lambda stacked, i, x, t: explain_fn(
+        jax.tree.map(lambda v: v[i], stacked), x, t))
+    count = len(jax.tree.leaves(stacked_variables)[0])
+    return jnp.stack([level(stacked_variables, i, images, targets) for i in range(count)])
 
 
 def random_other_classes(key, targets, num_classes):

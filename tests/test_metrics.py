@@ -185,9 +185,19 @@ def test_maps_of_a_randomised_model_decorrelate_from_the_trained_models():
     explain = jax.jit(lambda v, x, t: xv.explain("saliency", model, v, x, t)[0])
     trained = explain(variables, images, targets)
     np.testing.assert_allclose(xm.spearman(trained, trained), 1.0, rtol=1e-6)
+    traces = []
+
+    def counted(*args):
+        traces.append(1)
+        return explain(*args)
+
+    every_level = xm.randomization_maps(counted, stacked, images, targets)
+    assert every_level.shape == (len(jax.tree.leaves(stacked)[0]), 4, 32, 32)
+    assert len(traces) == 1  # one program for every level: the level is an argument
     rho = []
     for level in (0, -1):
         maps = explain(jax.tree.map(lambda a: a[level], stacked), images, targets)
+        np.testing.assert_allclose(every_level[level], maps, rtol=1e-5, atol=1e-7)
         rho.append(float(jnp.mean(xm.similarity(maps, trained)["spearman_abs"])))
     assert rho[1] < 0.5 and rho[1] < rho[0], rho
 
