@@ -35,7 +35,8 @@ from xai_models import default_layer
 from xai_visualizations import METHODS, Explainer, GradCAM, check_options, normalize_maps, overlay
 
 EVIDENCE_STEP = 32  # pixels per point of the detailed figure's deletion/insertion curves
-DETAILED_METHODS = ("gradcam", "gradcam++", "saliency", "smoothgrad", "integrated_gradients")
+DETAILED_METHODS = ("gradcam", "gradcam++", "saliency", "smoothgrad", "integrated_gradients",
+                    "lrp")
 COMPARE_METHODS = ("gradcam", "saliency", "integrated_gradients")  # for every network
 
 

@@ -1,6 +1,7 @@
 """Explainers for any Flax model, batch-first and jitted: Grad-CAM, Grad-CAM++, saliency,
 SmoothGrad, Gradient x Input, Integrated Gradients, occlusion, RISE, Guided Backprop,
-Guided Grad-CAM and, for attention models, attention rollout.
+Guided Grad-CAM, LRP with composites of rules (`xai_lrp`) and, for attention models,
+attention rollout.
 
 Shapes: images are float NHWC in [0, 1], (N, H, W, C) at the size the model takes; maps
 are (N, H, W). Targets are int32 (N,), one class per example; `PREDICTED` (-1) means
@@ -32,12 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+import xai_lrp
 from xai_models import (abstract_variables, as_grid, check_call, default_layer, forward,
                         UnguidedError, frozen_kwargs, guided, guided_relu, is_module,
                         layers, model_name, resolve_layer, split)
 
 __all__ = ["Attribution", "Explainer", "GradCAM", "IntegratedGradients", "METHODS",
-           "Method", "Option", "PREDICTED", "SaliencyMap", "explain", "guided_relu",
+           "LRP", "Method", "Option", "PREDICTED", "SaliencyMap", "explain", "guided_relu",
            "layers", "normalize_maps", "overlay", "unsupported"]
 
 PREDICTED = -1
@@ -453,6 +455,54 @@ def attention_rollout(model, variables, images, targets, key=None, *, head_fusio
     return Attribution(maps, logits, resolve_targets(logits, targets))
 
 
+def lrp(model, variables, images, targets, key=None, *, composite="epsilon_gamma_box",
+        epsilon=1e-6, gamma=0.25, batch_size=None, apply_kwargs=None):
+    """Layer-wise Relevance Propagation (Bach et al. 2015) with a composite of rules
+    (`xai_lrp`): the relevance of each target logit at the image. It starts as the
+    logit, and what reaches the image is the logit less what biases and stabilisers
+    absorb.
+
+    composite: a name of `xai_lrp.COMPOSITES` (Zennit's composites of the same names),
+        or an `xai_lrp.Composite` of your own; epsilon and gamma set the named
+        composites' ε and γ.
+
+    Returns:
+        Attribution with maps (N, H, W, C), signed, and extras 'relevance_kept' (N,):
+        Σ relevance / the logit, the share that reached the image.
+    """
+    if not isinstance(composite, xai_lrp.Composite):
+        composite = xai_lrp.named_composite(composite, epsilon, gamma)
+
+    def start(logits):
+        return jax.nn.one_hot(resolve_targets(logits, targets), logits.shape[-1]) * logits
+
+    relevance, logits = xai_lrp.relevance(forward(model, variables, apply_kwargs), images,
+                                          start, composite, strip_root=is_module(model))
+    targets = resolve_targets(logits, targets)
+    logit = _target_logit(logits, targets)
+    kept = jnp.sum(relevance, axis=tuple(range(1, relevance.ndim))) / jnp.where(
+        logit == 0, 1.0, logit)
+    return Attribution(relevance, logits, targets, {"relevance_kept": kept})
+
+
+def _composite(name, value):
+    if isinstance(value, xai_lrp.Composite):
+        return value
+    return _one_of(name, value, xai_lrp.COMPOSITES)
+
+
+def _needs_lrp_rules(model, image_shape, apply_kwargs):
+    """Why LRP cannot explain `model` (e.g. attention), or None when it can."""
+    variables = abstract_variables(model, image_shape, frozen_kwargs(apply_kwargs))
+    try:
+        jax.eval_shape(lambda v, x: lrp(model, v, x, jnp.zeros((x.shape[0],), jnp.int32),
+                                        composite="epsilon").maps, variables,
+                       jax.ShapeDtypeStruct(image_shape, jnp.float32))
+    except xai_lrp.UnsupportedError as e:
+        return str(e)
+    return None
+
+
 def _needs_relu(model, image_shape, apply_kwargs):
     """Why Guided Backprop cannot explain `model`, or None when it can."""
     variables = abstract_variables(model, image_shape, frozen_kwargs(apply_kwargs))
@@ -747,6 +797,12 @@ METHODS = {
     "guided_gradcam": Method(guided_grad_cam, "Guided Grad-CAM", False, {"layer": _LAYER},
                              reduce_channels, lambda o, shape: (2, 2), "Selvaraju et al. 2017",
                              requires=_needs_relu),
+    "lrp": Method(lrp, "LRP", True,
+                  {"composite": Option("epsilon_gamma_box", _composite),
+                   "epsilon": Option(1e-6, check_number),
+                   "gamma": Option(0.25, check_number)},
+                  sum_channels, _ONE_PASS, "Bach et al. 2015; Montavon et al. 2019",
+                  requires=_needs_lrp_rules),
     "attention_rollout": Method(
         attention_rollout, "Attention rollout", False,
         {"head_fusion": Option("mean", lambda name, value: _one_of(
@@ -980,6 +1036,18 @@ class IntegratedGradients(Explainer):
         attributions = np.asarray(out.maps)
         gaps = np.asarray(out.extras["completeness_gap"])
         return (attributions[0], float(gaps[0])) if single else (attributions, gaps)
+
+
+class LRP(Explainer):
+    """Layer-wise Relevance Propagation (`xai_lrp`) with a composite of rules, e.g.
+    `LRP(model, composite="epsilon_plus_flat")` or a `xai_lrp.Composite` of your own;
+    `.explain(params, batch_stats, image)` returns `(heatmap, pred_class, score)` like
+    every `Explainer`, the raw map (`normalize=False`) signed."""
+
+    def __init__(self, model, composite="epsilon_gamma_box", *, epsilon=1e-6, gamma=0.25,
+                 batch_size=256, apply_kwargs=None):
+        super().__init__(model, "lrp", batch_size=batch_size, apply_kwargs=apply_kwargs,
+                         composite=composite, epsilon=epsilon, gamma=gamma)
 
 
 class GradCAM:

@@ -126,7 +126,7 @@ MODELS = {
     "resnet": (ResNet(), {}, "stage2", NO_ATTENTION),
     "no batchnorm": (PlainNet(), {}, "conv2", NO_ATTENTION),
     "train flag": (NeedsTrainFlag(), {"train": False}, "features", NO_ATTENTION),
-    "vit": (TinyViT(), {}, "block_0", ("guided_backprop", "guided_gradcam") + NO_ATTENTION),
+    "vit": (TinyViT(), {}, "block_0", ("guided_backprop", "guided_gradcam", "lrp") + NO_ATTENTION),
 }
 
 
@@ -215,6 +215,14 @@ def test_guided_backprop_on_the_residual_net_equals_a_hand_written_guided_pass(z
 def test_guided_backprop_refuses_a_model_without_relu(zoo, images):
     with pytest.raises(TypeError, match="needs a ReLU network"):
         xv.Explainer(MODELS["vit"][0], "guided_backprop").explain(*_pb(zoo["vit"]), images)
+
+
+def test_lrp_refuses_a_transformer_naming_the_operation(zoo, images):
+    """LayerNorm divides by the activations' own statistics and attention multiplies two
+    activations: no rule here, so LRP says so instead of explaining wrongly."""
+    with pytest.raises(TypeError, match=r"LRP cannot propagate relevance through `\w+` at "
+                                        r"block_0/LayerNorm_0"):
+        xv.Explainer(MODELS["vit"][0], "lrp").explain(*_pb(zoo["vit"]), images)
 
 
 def test_layers_list_module_paths_and_token_layers_lie_on_a_grid(zoo):

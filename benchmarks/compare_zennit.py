@@ -1,0 +1,154 @@
+"""Our LRP against Zennit's on the same weights: the shipped CNN rebuilt in PyTorch.
+
+    pip install -r benchmarks/requirements.txt   # torch and zennit (optional peers)
+    python benchmarks/compare_zennit.py --num-images 100
+
+The CNN's parameters are copied into an equivalent `torch.nn.Sequential` (conv → BN →
+ReLU blocks, 2 × 2 max pooling, global average pooling, Dense → ReLU → Dense). Zennit
+explains it with its composites of the same names, its `SequentialMergeBatchNorm`
+canonizer, z^B's bounds (0 − mean)/std and (1 − mean)/std, and the output relevance our
+LRP starts from: the predicted class's logit, one-hot. Zennit's model takes the
+standardised image, so its relevance there is compared with ours at the image (our
+standardisation passes relevance unchanged). It prints, per composite, the largest
+difference relative to the largest |relevance|, the mean relevance sum over the
+predicted logit, and both libraries' images per second, side by side in one run.
+"""
+
+import argparse
+import sys
+import time
+import types
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import cifar10_data  # noqa: E402
+import xai_cli as cli  # noqa: E402
+import xai_visualizations as xv  # noqa: E402
+from checkpoints import PRETRAINED, load_checkpoint  # noqa: E402
+from cifar10_cnn_model import CIFAR10_MEAN, CIFAR10_STD, CONVS_PER_BLOCK  # noqa: E402
+
+COMPOSITES = ("epsilon_gamma_box", "epsilon_plus_flat", "epsilon_plus",
+              "epsilon_alpha2_beta1")
+
+
+def import_zennit():
+    """Zennit, without its torchvision glue: PyPI's torchvision need not match the CPU
+    torch wheel (`operator torchvision::nms does not exist`), and the rules need none."""
+    if "torchvision" not in sys.modules:
+        fake = types.ModuleType("torchvision")
+        fake.models = types.ModuleType("torchvision.models")
+        fake.models.resnet = types.ModuleType("torchvision.models.resnet")
+        fake.models.resnet.Bottleneck = type("Bottleneck", (), {})
+        fake.models.resnet.BasicBlock = type("BasicBlock", (), {})
+        for name, module in (("torchvision", fake), ("torchvision.models", fake.models),
+                             ("torchvision.models.resnet", fake.models.resnet)):
+            sys.modules[name] = module
+    import zennit.attribution  # noqa: PLC0415
+    import zennit.canonizers  # noqa: PLC0415
+    import zennit.composites  # noqa: PLC0415
+
+    return zennit
+
+
+def torch_cnn(variables):
+    """The CIFAR10CNN of `variables` as a torch.nn.Sequential on standardised images."""
+    import torch  # noqa: PLC0415
+
+    params, stats = variables["params"], variables["batch_stats"]
+    layers = []
+    for b, convs in enumerate(CONVS_PER_BLOCK):
+        block, block_stats = params[f"block{b + 1}"], stats[f"block{b + 1}"]
+        if b:
+            layers.append(torch.nn.MaxPool2d(2))
+        for i in range(convs):
+            kernel = np.asarray(block[f"Conv_{i}"]["kernel"])  # (kh, kw, in, out)
+            conv = torch.nn.Conv2d(kernel.shape[2], kernel.shape[3], 3, padding=1, bias=False)
+            conv.weight.data = torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy())
+            bn = torch.nn.BatchNorm2d(kernel.shape[3], eps=1e-5)
+            bn.weight.data = torch.from_numpy(np.asarray(block[f"BatchNorm_{i}"]["scale"]))
+            bn.bias.data = torch.from_numpy(np.asarray(block[f"BatchNorm_{i}"]["bias"]))
+            bn.running_mean.data = torch.from_numpy(
+                np.asarray(block_stats[f"BatchNorm_{i}"]["mean"]))
+            bn.running_var.data = torch.from_numpy(
+                np.asarray(block_stats[f"BatchNorm_{i}"]["var"]))
+            layers += [conv, bn, torch.nn.ReLU()]
+    layers += [torch.nn.MaxPool2d(2), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()]
+    for i in range(2):
+        dense = params["head"][f"Dense_{i}"]
+        kernel = np.asarray(dense["kernel"])
+        linear = torch.nn.Linear(*kernel.shape)
+        linear.weight.data = torch.from_numpy(kernel.T.copy())
+        linear.bias.data = torch.from_numpy(np.asarray(dense["bias"]))
+        layers += [linear, torch.nn.ReLU()] if i == 0 else [linear]
+    return torch.nn.Sequential(*layers).eval()
+
+
+def zennit_relevance(zennit, net, composite, images):
+    """Zennit's relevance at the standardised NHWC `images`, started at the predicted
+    logit; NHWC numpy."""
+    import torch  # noqa: PLC0415
+
+    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    x = (torch.from_numpy(np.asarray(images).transpose(0, 3, 1, 2).copy()) - mean) / std
+    canonizers = [zennit.canonizers.SequentialMergeBatchNorm()]
+    kinds = {"epsilon_gamma_box": lambda: zennit.composites.EpsilonGammaBox(
+                 low=(0 - mean) / std, high=(1 - mean) / std, canonizers=canonizers),
+             "epsilon_plus_flat": lambda: zennit.composites.EpsilonPlusFlat(
+                 canonizers=canonizers),
+             "epsilon_plus": lambda: zennit.composites.EpsilonPlus(canonizers=canonizers),
+             "epsilon_alpha2_beta1": lambda: zennit.composites.EpsilonAlpha2Beta1(
+                 canonizers=canonizers)}
+    with zennit.attribution.Gradient(net, kinds[composite]()) as attributor:
+        out, relevance = attributor(
+            x, lambda logits: torch.nn.functional.one_hot(
+                logits.argmax(1), logits.shape[1]) * logits)
+    return relevance.detach().numpy().transpose(0, 2, 3, 1), out.detach().numpy()
+
+
+@cli.entry_point
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--num-images", type=cli.int_at_least(1), default=100)
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args(argv)
+    import torch  # noqa: PLC0415
+
+    zennit = import_zennit()
+    torch.set_num_threads(max(1, len(jax.devices("cpu")) and __import__("os").cpu_count()))
+    model, variables = load_checkpoint(PRETRAINED)
+    data = cifar10_data.load_cifar10(args.data_dir)
+    images = jnp.asarray(data.test_images[:args.num_images], jnp.float32) / 255.0
+    net = torch_cnn(variables)
+    print(f"{args.num_images} test images, the shipped CNN, {cli.describe_device()}, "
+          f"torch {torch.__version__}, zennit {zennit.__version__ if hasattr(zennit, '__version__') else ''}")
+    print("| composite | max |ours − Zennit's| / max |Zennit's| | Σ R / logit (ours, Zennit's) | "
+          "ours img/s | Zennit's img/s |")
+    print("| --- | --- | --- | --- | --- |")
+    for name in COMPOSITES:
+        explain = jax.jit(lambda v, x, name=name: xv.explain("lrp", model, v, x, None,
+                                                              composite=name))
+        ours = jax.block_until_ready(explain(variables, images))  # compiles
+        start = time.perf_counter()
+        ours = jax.block_until_ready(explain(variables, images))
+        ours_s = time.perf_counter() - start
+        raw = jax.jit(lambda v, x, name=name: xv.METHODS["lrp"].fn(
+            model, v, x, jnp.full((len(x),), -1, jnp.int32), composite=name))(variables, images)
+        start = time.perf_counter()
+        theirs, logits = zennit_relevance(zennit, net, name, images)
+        theirs_s = time.perf_counter() - start
+        ours_raw = np.asarray(raw.maps)
+        diff = np.max(np.abs(ours_raw - theirs)) / np.max(np.abs(theirs))
+        logit = np.max(logits, axis=1)
+        print(f"| {name} | {diff:.2e} | {np.mean(ours_raw.sum((1, 2, 3)) / logit):.3f}, "
+              f"{np.mean(theirs.sum((1, 2, 3)) / logit):.3f} | "
+              f"{args.num_images / ours_s:.0f} | {args.num_images / theirs_s:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
