@@ -34,6 +34,7 @@ import numpy as np
 from flax import traverse_util
 
 import xai_lrp
+import xai_surrogates
 from xai_models import (abstract_variables, as_grid, check_call, default_layer, forward,
                         UnguidedError, frozen_kwargs, guided, guided_relu, is_module,
                         layers, model_name, resolve_layer, split)
@@ -485,6 +486,60 @@ def lrp(model, variables, images, targets, key=None, *, composite="epsilon_gamma
     return Attribution(relevance, logits, targets, {"relevance_kept": kept})
 
 
+def _by_segments(method, model, variables, images, targets, key, *, n_samples, segmentation,
+                 n_segments, compactness, fill, score, ridge, batch_size, apply_kwargs):
+    import xai_metrics  # noqa: PLC0415 (it imports this module)
+
+    f = forward(model, variables, apply_kwargs)
+    logits = f(images)
+    targets = resolve_targets(logits, targets)
+    maps, segments, _ = xai_surrogates.explain_by_segments(
+        f, images, targets, key, method=method, n_samples=n_samples, score=score,
+        segmentation=segmentation, n_segments=n_segments, compactness=compactness,
+        fill=fill, ridge=ridge, blur=xai_metrics.gaussian_blur, batch_size=batch_size,
+        map_pairs=map_pairs)
+    return Attribution(maps, logits, targets,
+                       {"segments": jnp.max(segments, axis=(1, 2)) + 1})
+
+
+def lime(model, variables, images, targets, key, *, n_samples=1000, segmentation="slic",
+         n_segments=64, compactness=10.0, fill="mean", score="probability", ridge=1.0,
+         batch_size=256, apply_kwargs=None):
+    """LIME (Ribeiro et al. 2016) on superpixels (`xai_surrogates`): the coefficients of a
+    weighted ridge surrogate of the target's score over `n_samples` random on/off
+    patterns of the segments, as the `lime` package's image explainer fits them.
+
+    segmentation: 'slic' (scikit-image, asked for `n_segments` with `compactness`) or
+        'quickshift'; fill: what an off segment shows, its 'mean' colour or a 'blur';
+        score: 'probability' (the softmax, as lime) or 'logit'; ridge: the ridge λ.
+
+    Returns:
+        Attribution with maps (N, H, W), signed (a pixel carries its segment's
+        coefficient), and extras 'segments' (N,): how many segments each image had.
+    """
+    return _by_segments("lime", model, variables, images, targets, key, n_samples=n_samples,
+                        segmentation=segmentation, n_segments=n_segments,
+                        compactness=compactness, fill=fill, score=score, ridge=ridge,
+                        batch_size=batch_size, apply_kwargs=apply_kwargs)
+
+
+def kernel_shap(model, variables, images, targets, key, *, n_samples=1000,
+                segmentation="slic", n_segments=64, compactness=10.0, fill="mean",
+                score="probability", batch_size=256, apply_kwargs=None):
+    """KernelSHAP (Lundberg & Lee 2017) on LIME's superpixels: Shapley values of the
+    segments from `n_samples` coalitions drawn by the Shapley kernel, fitted under
+    Σ φ = score(image) − score(every segment off). Options as `lime`.
+
+    Returns:
+        Attribution with maps (N, H, W), signed, and extras 'segments' (N,).
+    """
+    return _by_segments("kernel_shap", model, variables, images, targets, key,
+                        n_samples=n_samples, segmentation=segmentation,
+                        n_segments=n_segments, compactness=compactness, fill=fill,
+                        score=score, ridge=0.0, batch_size=batch_size,
+                        apply_kwargs=apply_kwargs)
+
+
 def _composite(name, value):
     if isinstance(value, xai_lrp.Composite):
         return value
@@ -756,6 +811,14 @@ def _baseline_image(name, value):
     return None if value is None else check_images(value, name)[0]
 
 
+_SEGMENT_OPTIONS = {
+    "n_samples": Option(1000, _positive),
+    "segmentation": Option("slic", lambda n, v: _one_of(n, v, xai_surrogates.SEGMENTATIONS)),
+    "n_segments": Option(64, lambda n, v: check_int(n, v, 2)),
+    "compactness": Option(10.0, check_number),
+    "fill": Option("mean", lambda n, v: _one_of(n, v, xai_surrogates.FILLS)),
+    "score": Option("probability", lambda n, v: _one_of(n, v, ("probability", "logit"))),
+}
 _LAYER = Option(None)  # None: the model's explanation_layer; checked against the model
 _ONE_PASS = lambda options, shape: (1, 1)  # noqa: E731
 
@@ -803,6 +866,12 @@ METHODS = {
                    "gamma": Option(0.25, check_number)},
                   sum_channels, _ONE_PASS, "Bach et al. 2015; Montavon et al. 2019",
                   requires=_needs_lrp_rules),
+    "lime": Method(lime, "LIME", True, {**_SEGMENT_OPTIONS, "ridge": Option(1.0, check_number)},
+                   _identity, lambda o, shape: (o["n_samples"] + 1, 0),
+                   "Ribeiro et al. 2016", sampling=True),
+    "kernel_shap": Method(kernel_shap, "KernelSHAP", True, _SEGMENT_OPTIONS, _identity,
+                          lambda o, shape: (o["n_samples"] + 2, 0), "Lundberg & Lee 2017",
+                          sampling=True),
     "attention_rollout": Method(
         attention_rollout, "Attention rollout", False,
         {"head_fusion": Option("mean", lambda name, value: _one_of(

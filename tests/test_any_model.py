@@ -23,7 +23,8 @@ from cifar10_cnn_model import CIFAR10CNN
 ATOL = 1e-5  # batched and single-image convolutions differ in the last float bits
 SHAPE = (16, 16, 3)
 OPTIONS = {"smoothgrad": {"n_samples": 3}, "integrated_gradients": {"steps": 4},
-           "rise": {"n_masks": 16}, "occlusion": {"patch": 4, "stride": 4}}
+           "rise": {"n_masks": 16}, "occlusion": {"patch": 4, "stride": 4},
+           "lime": {"n_samples": 32, "n_segments": 8}, "kernel_shap": {"n_samples": 32, "n_segments": 8}}
 
 
 class ResidualBlock(nn.Module):

@@ -18,7 +18,8 @@ from checkpoints import load_checkpoint, save_checkpoint
 # Tiny members of each family, for the tests that run them.
 TINY = {"resnet20": ResNet20(width=4), "vit": ViT(width=8, depth=2, heads=2)}
 OPTIONS = {"smoothgrad": {"n_samples": 2}, "integrated_gradients": {"steps": 2},
-           "rise": {"n_masks": 8}, "occlusion": {"patch": 16, "stride": 16}}
+           "rise": {"n_masks": 8}, "occlusion": {"patch": 16, "stride": 16},
+           "lime": {"n_samples": 16, "n_segments": 8}, "kernel_shap": {"n_samples": 16, "n_segments": 8}}
 
 
 def count(tree):

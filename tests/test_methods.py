@@ -11,7 +11,9 @@ import xai_visualizations as xv
 from test_xai import ATOL, CamNet, linear  # noqa: F401 (a fixture)
 
 SMALL_OPTIONS = {"smoothgrad": {"n_samples": 4}, "integrated_gradients": {"steps": 8},
-                 "rise": {"n_masks": 32}, "occlusion": {"patch": 8, "stride": 8}}
+                 "rise": {"n_masks": 32}, "occlusion": {"patch": 8, "stride": 8},
+                 "lime": {"n_samples": 32, "n_segments": 16},
+                 "kernel_shap": {"n_samples": 32, "n_segments": 16}}
 ALL = jnp.full((8,), xv.PREDICTED, jnp.int32)
 
 

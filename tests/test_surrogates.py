@@ -1,0 +1,128 @@
+"""LIME and KernelSHAP: exact answers on a model that is linear in its segments, the
+Shapley kernel and lime's weights by hand, and keyed sampling."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import xai_surrogates as xs
+import xai_visualizations as xv
+
+SEGMENTS = 8  # asked of SLIC on 16 × 16 images: a capacity of 16
+
+
+class PixelLinear(nn.Module):
+    """logit_k = Σ_pixels,channels w_k ⊙ x: linear in every pixel, so linear in the
+    segments too whatever fills them."""
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("w", nn.initializers.normal(1.0), x.shape[1:] + (2,))
+        return jnp.einsum("nhwc,hwck->nk", x, w)
+
+
+@pytest.fixture(scope="module")
+def linear():
+    images = jax.image.resize(jax.random.uniform(jax.random.key(0), (3, 4, 4, 3)),
+                              (3, 16, 16, 3), "linear")  # smooth, so SLIC finds regions
+    model = PixelLinear()
+    variables = model.init(jax.random.key(1), images)
+    return model, variables, images
+
+
+@pytest.fixture(scope="module")
+def smooth():
+    """Two smooth 32 × 32 images: SLIC finds regions in them (on uniform noise it
+    returns one segment)."""
+    return jax.image.resize(jax.random.uniform(jax.random.key(3), (2, 4, 4, 3)),
+                            (2, 32, 32, 3), "linear")
+
+
+def exact_shapley(variables, images, targets):
+    """Σ over each segment's pixels of w ⊙ (x − the segment's mean colour): (N, H, W)
+    with every pixel carrying its segment's value, from numpy."""
+    segments = xs.segment_numpy(images, "slic", SEGMENTS, 10.0)
+    w = np.asarray(variables["params"]["w"])
+    x = np.asarray(images)
+    out = np.zeros(segments.shape)
+    for n, t in enumerate(targets):
+        for s in np.unique(segments[n]):
+            inside = segments[n] == s
+            mean = x[n][inside].mean(0)
+            out[n][inside] = np.sum(w[..., t][inside] * (x[n][inside] - mean))
+    return out, segments
+
+
+@pytest.mark.parametrize("method, options", [
+    ("lime", {"ridge": 1e-6, "n_samples": 300}),
+    ("kernel_shap", {"n_samples": 300}),
+])
+def test_a_model_linear_in_its_segments_gets_its_exact_coefficients(linear, method, options):
+    """With the logit as the score, each segment's coefficient is what switching it off
+    removes: LIME with λ → 0 and KernelSHAP both recover it (the Shapley values of a
+    linear model are its terms)."""
+    model, variables, images = linear
+    targets = jnp.array([0, 1, 0])
+    out = jax.jit(lambda v, x, k: xv.explain(method, model, v, x, targets, k, score="logit",
+                                             n_segments=SEGMENTS, **options))(
+        variables, images, jax.random.key(2))
+    want, segments = exact_shapley(variables, images, np.asarray(targets))
+    assert 4 <= segments.max() + 1 <= 2 * SEGMENTS
+    np.testing.assert_array_equal(out.extras["segments"], segments.max(axis=(1, 2)) + 1)
+    np.testing.assert_allclose(out.maps, want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+
+
+def test_kernel_shap_sums_to_the_score_change_for_any_model(tiny_model, tiny_variables, smooth):
+    """Efficiency, Σ φ = f(image) − f(every segment off), holds by construction even
+    where the model is far from linear and the samples are few."""
+    x = smooth
+    out = xv.explain("kernel_shap", tiny_model, tiny_variables, x, None, jax.random.key(0),
+                     n_samples=24, n_segments=16)
+    segments = xs.segment_numpy(x, "slic", 16, 10.0)
+    assert np.all(segments.max(axis=(1, 2)) >= 8)
+    phi_sum = [sum(float(out.maps[n][segments[n] == s][0]) for s in np.unique(segments[n]))
+               for n in range(2)]
+    probs = jax.nn.softmax(tiny_model.apply(tiny_variables, x))
+    off = jax.nn.softmax(tiny_model.apply(tiny_variables, xs._segment_means(
+        x, jnp.asarray(segments), xs.capacity(16))))
+    t = np.asarray(out.targets)
+    want = np.asarray(probs)[np.arange(2), t] - np.asarray(off)[np.arange(2), t]
+    np.testing.assert_allclose(phi_sum, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["lime", "kernel_shap"])
+def test_the_same_key_gives_the_same_map_and_another_key_another(method, tiny_model,
+                                                                 tiny_variables, smooth):
+    explain = jax.jit(lambda v, x, k: xv.explain(method, tiny_model, v, x, None, k,
+                                                 n_samples=32, n_segments=16).maps)
+    first = explain(tiny_variables, smooth, jax.random.key(0))
+    np.testing.assert_array_equal(first, explain(tiny_variables, smooth, jax.random.key(0)))
+    other = explain(tiny_variables, smooth, jax.random.key(1))
+    assert np.max(np.abs(first - other)) > 1e-3 * np.max(np.abs(first))
+
+
+def test_shapley_kernel_draws_coalition_sizes_by_the_kernel():
+    """Sizes k of 6 present segments (of 8 slots) occur ∝ (M − 1)/(k (M − k)), and only
+    present segments join."""
+    mask = jnp.array([1, 1, 1, 1, 1, 1, 0, 0], jnp.float32)
+    z = np.asarray(xs.shapley_coalitions(jax.random.key(0), 20000, mask))
+    assert not z[:, 6:].any()
+    sizes = z.sum(1).astype(int)
+    k = np.arange(1, 6)
+    want = 5 / (k * (6 - k))
+    np.testing.assert_allclose(np.bincount(sizes, minlength=7)[1:6] / len(z),
+                               want / want.sum(), atol=0.01)
+
+
+def test_lime_weights_are_limes_kernel_on_cosine_distance():
+    """z = (1, 1, 0, 0) of four segments: cosine similarity 2 / (√2 · 2), distance
+    1 − 1/√2, weight √exp(−d² / 0.25²); the all-on pattern weighs 1."""
+    z = jnp.array([[1, 1, 0, 0], [1, 1, 1, 1]], jnp.float32)
+    d = 1 - 1 / np.sqrt(2)
+    np.testing.assert_allclose(xs.lime_weights(z, jnp.ones(4)),
+                               [np.sqrt(np.exp(-d**2 / 0.0625)), 1.0], rtol=1e-5)
+    # an absent segment counts for nothing
+    np.testing.assert_allclose(xs.lime_weights(jnp.array([[1, 1, 0, 1]], jnp.float32),
+                                               jnp.array([1, 1, 0, 0.])), [1.0], rtol=1e-5)
