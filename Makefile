@@ -58,7 +58,7 @@ bench: $(VENV)/.installed
 # methods); EVAL_FLAGS= evaluates the first 1,000 with every default, as on a GPU.
 EVAL_FLAGS ?= --num-images 50 --randomization-images 4 --smoothgrad-samples 16 --ig-steps 16 \
 	--rise-masks 250 --occlusion-patch 8 --occlusion-stride 4 --step 64 --chunk 50 --batch-size 256 \
-	--faithfulness-subsets 50 --infidelity-perturbations 16 --focus-mosaics 50
+	--faithfulness-subsets 50 --infidelity-perturbations 16 --focus-mosaics 50 --lime-samples 250
 evaluate: $(VENV)/.installed
 	@for checkpoint in $(wildcard cifar10_model.pkl pretrained/*.pkl); do \
 	  $(PY) evaluate_xai.py --checkpoint $$checkpoint $(EVAL_FLAGS) \

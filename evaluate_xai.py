@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 import cifar10_data
 import xai_cli as cli
+import xai_lrp
 import xai_metrics as xm
 import xai_visualizations as xv
 from checkpoints import atomic_write, default_checkpoint, describe_checkpoint, load_checkpoint
@@ -80,6 +81,8 @@ class EvalConfig:
     rise_masks: int = 4000
     occlusion_patch: int = 4
     occlusion_stride: int = 2
+    lime_samples: int = 1000              # LIME's and KernelSHAP's perturbations per image
+    lrp_composite: str = "epsilon_gamma_box"  # LRP's composite (xai_lrp.COMPOSITES)
     layer: Optional[str] = None           # the layer methods' layer; default: the model's
     faithfulness_subsets: int = 100       # random pixel subsets per image (Bhatt et al.)
     infidelity_perturbations: int = 50    # Gaussian perturbations per image (Yeh et al.)
@@ -90,8 +93,10 @@ class EvalConfig:
     def options(self, method):
         """The options of `method` that this config sets (by the options' names)."""
         given = {"layer": self.layer, "steps": self.ig_steps,
-                 "n_samples": self.smoothgrad_samples, "n_masks": self.rise_masks,
-                 "patch": self.occlusion_patch, "stride": self.occlusion_stride}
+                 "n_samples": (self.lime_samples if method in ("lime", "kernel_shap")
+                               else self.smoothgrad_samples),
+                 "n_masks": self.rise_masks, "patch": self.occlusion_patch,
+                 "stride": self.occlusion_stride, "composite": self.lrp_composite}
         return {k: v for k, v in given.items() if k in xv.METHODS[method].options}
 
 
@@ -569,6 +574,8 @@ def parse_args(argv=None) -> EvalConfig:
                         help="the layer that the layer methods (Grad-CAM, Grad-CAM++, "
                              "Guided Grad-CAM) explain (default: the model's explanation "
                              "layer, e.g. conv3 for the CNN)")
+    parser.add_argument("--lrp-composite", default=defaults.lrp_composite,
+                        choices=xai_lrp.COMPOSITES, help="LRP's composite (default: %(default)s)")
     for name in ("deletion_baseline", "insertion_baseline"):
         parser.add_argument("--" + name.replace("_", "-"), default=getattr(defaults, name),
                             choices=xm.BASELINES, help="default: %(default)s")
@@ -581,6 +588,7 @@ def parse_args(argv=None) -> EvalConfig:
                        ("ig_steps", "Integrated Gradients path points"),
                        ("smoothgrad_samples", "SmoothGrad noisy samples"),
                        ("rise_masks", "RISE masks"),
+                       ("lime_samples", "LIME's and KernelSHAP's perturbations per image"),
                        ("occlusion_patch", "occlusion square side, px"),
                        ("occlusion_stride", "occlusion stride, px"),
                        ("faithfulness_subsets", "random pixel subsets per image in the "
