@@ -36,7 +36,7 @@ from xai_visualizations import METHODS, Explainer, GradCAM, check_options, norma
 
 EVIDENCE_STEP = 32  # pixels per point of the detailed figure's deletion/insertion curves
 DETAILED_METHODS = ("gradcam", "gradcam++", "saliency", "smoothgrad", "integrated_gradients",
-                    "lrp")
+                    "lrp", "lime", "kernel_shap")
 COMPARE_METHODS = ("gradcam", "saliency", "integrated_gradients")  # for every network
 
 
@@ -52,6 +52,7 @@ class DemoConfig:
     num_compare: int = 4                   # images explained on every shipped network
     smoothgrad_samples: int = 50
     ig_steps: int = 64                      # Integrated Gradients path points
+    lime_samples: int = 1000                # LIME's and KernelSHAP's perturbations
     seed: int = 0                           # picks the images and seeds SmoothGrad
     layer: Optional[str] = None             # GradCAM's layer; default: the model's (conv3)
     quiet: bool = False
@@ -243,8 +244,9 @@ def plot_architectures(plt, path, images, labels, explained, methods):
 
 def method_options(config: DemoConfig, method):
     """The options of `method` that the demo's config sets (by the options' names)."""
-    given = {"layer": config.layer, "n_samples": config.smoothgrad_samples,
-             "steps": config.ig_steps}
+    given = {"layer": config.layer, "steps": config.ig_steps,
+             "n_samples": (config.lime_samples if method in ("lime", "kernel_shap")
+                           else config.smoothgrad_samples)}
     return {k: v for k, v in given.items() if k in METHODS[method].options}
 
 
@@ -360,7 +362,9 @@ def parse_args(argv=None) -> DemoConfig:
                                                "(architectures.png; 0: none)"),
                             ("smoothgrad_samples", 1, "noisy samples per SmoothGrad map"),
                             ("ig_steps", 1, "Integrated Gradients path points"),
-                            ("seed", 0, "picks the images and seeds SmoothGrad")]:
+                            ("lime_samples", 2, "perturbations per LIME and KernelSHAP map"),
+                            ("seed", 0, "picks the images and seeds SmoothGrad, LIME and "
+                                        "KernelSHAP")]:
         parser.add_argument("--" + name.replace("_", "-"), type=cli.int_at_least(low),
                             default=getattr(defaults, name),
                             help=f"{text} (default: %(default)s)")

@@ -51,7 +51,7 @@ def test_demo_writes_every_figure(checkpoint, tiny_resnet, data, tmp_path, monke
     out = tmp_path / "xai_results"
     demo_xai.main(["--checkpoint", str(checkpoint),
                    "--output-dir", str(out), "--num-images", "6", "--num-detailed", "2",
-                   "--smoothgrad-samples", "4", "--seed", "1", "--num-compare", "2"])
+                   "--smoothgrad-samples", "4", "--lime-samples", "16", "--seed", "1", "--num-compare", "2"])
     printed = capsys.readouterr().out
     assert printed.startswith(f"explaining {checkpoint}: no test accuracy recorded\n")
     detailed = sorted(out.glob("detailed_*.png"))
