@@ -154,8 +154,9 @@ def bias_free():
 def test_lrp0_is_gradient_times_input_on_a_bias_free_relu_network(bias_free):
     model, variables, x = bias_free
     targets = jnp.array([0, 2, 1])
-    got = xv.explain("lrp", model, variables, x, targets, composite="epsilon", epsilon=0.0)
-    want = xv.explain("grad_x_input", model, variables, x, targets)
+    got, want = jax.jit(lambda v, z: (
+        xv.explain("lrp", model, v, z, targets, composite="epsilon", epsilon=0.0),
+        xv.explain("grad_x_input", model, v, z, targets)))(variables, x)
     # equal up to the sums' stabiliser (Zennit's Norm rule divides by y + 1e-6)
     np.testing.assert_allclose(got.maps, want.maps, rtol=1e-4,
                                atol=1e-4 * float(jnp.max(jnp.abs(want.maps))))
@@ -171,9 +172,18 @@ def test_relevance_is_conserved_layer_by_layer_without_biases(bias_free, composi
     pooling, the residual sum and the ReLUs."""
     model, variables, x = bias_free
     start = lambda lg: jax.nn.one_hot(jnp.argmax(lg, -1), 3) * lg  # noqa: E731
-    layers = lrp.layer_relevances(lambda z: model.apply(variables, z), x, start,
-                                  lrp.named_composite(composite, epsilon=0.0))
-    assert [(path, kind) for path, kind, *_ in layers] == [
+    names = []
+
+    def relevances(v, z):  # jitted: the layers' names are recorded while it traces
+        found = lrp.layer_relevances(lambda y: model.apply(v, y), z, start,
+                                     lrp.named_composite(composite, epsilon=0.0))
+        names[:] = [(path, kind) for path, kind, *_ in found]
+        return [(r_in, r_out) for *_, r_in, r_out in found]
+
+    arrays = jax.jit(relevances)(variables, x)
+    layers = [(path, kind, None, r_in, r_out) for (path, kind), (r_in, r_out)
+              in zip(names, arrays)]
+    assert names == [
         ("Conv_0", "conv"), ("Conv_1", "conv"), ("Dense_0", "dense"), ("Dense_1", "dense")]
     logits = model.apply(variables, x)
     total = np.asarray(jnp.max(logits, -1))
