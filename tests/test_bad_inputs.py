@@ -20,6 +20,7 @@ import demo_xai
 import evaluate_xai
 import train_cifar10 as tc
 import xai_metrics as xm
+import xai_lrp
 import xai_visualizations as xv
 from cifar10_cnn_model import CIFAR10CNN
 
@@ -154,8 +155,8 @@ CASES = [
      SystemExit, "argument --num-images: must be an int >= 1, got 0"),
     ("evaluate CLI: patch 33", lambda e: evaluate_xai.parse_args(["--occlusion-patch", "33"]),
      SystemExit, "--occlusion-patch must be at most 32, got 33"),
-    ("evaluate CLI: unknown method", lambda e: evaluate_xai.parse_args(["--methods", "lime"]),
-     SystemExit, "invalid choice: 'lime'"),
+    ("evaluate CLI: unknown method", lambda e: evaluate_xai.parse_args(["--methods", "deeplift"]),
+     SystemExit, "invalid choice: 'deeplift'"),
     ("evaluate CLI: unknown baseline",
      lambda e: evaluate_xai.parse_args(["--insertion-baseline", "noise"]),
      SystemExit, "invalid choice: 'noise'"),
@@ -227,8 +228,17 @@ CASES = [
     ("gradcam: unknown layer", lambda e: xv.GradCAM(e.model, target_layer="fc1"),
      ValueError, "target_layer 'fc1' is not a module of CIFAR10CNN; its layers are"),
     # ---------------------------------------------------------------- other explainers
-    ("explain: unknown method", lambda e: xv.Explainer(e.model, "lime"),
+    ("explain: unknown method", lambda e: xv.Explainer(e.model, "deeplift"),
      ValueError, "method must be one of"),
+    ("lrp: unknown composite", lambda e: xv.Explainer(e.model, "lrp", composite="zennit"),
+     ValueError, "composite must be one of ('epsilon_gamma_box', 'epsilon_plus_flat'"),
+    ("lrp: a rule that is not one", lambda e: xai_lrp.composite({"conv": "gamma"}),
+     TypeError, "layers must map a module path or kind (str) to a rule"),
+    ("lime: unknown segmentation",
+     lambda e: xv.Explainer(e.model, "lime", segmentation="watershed"),
+     ValueError, "segmentation must be one of ('slic', 'quickshift'), got 'watershed'"),
+    ("kernel_shap: one segment", lambda e: xv.Explainer(e.model, "kernel_shap", n_segments=1),
+     ValueError, "n_segments must be an int >= 2, got 1"),
     ("gradcam: foreign option", lambda e: xv.Explainer(e.model, "gradcam", steps=4),
      TypeError, "gradcam takes the options ('layer',)"),
     ("saliency: any option", lambda e: xv.Explainer(e.model, "saliency", steps=4),

@@ -134,8 +134,8 @@ CASES = [
     ("demo: an output folder that is a file", "demo", ["--output-dir", "{a_file}"], 2,
      ["--output-dir must be a folder path", "a_file', which is a file"]),
     # ---------------------------------------------------------------- evaluation
-    ("evaluate: an unknown method", "evaluate", ["--methods", "lime"], 2,
-     ["argument --methods: invalid choice: 'lime'"]),
+    ("evaluate: an unknown method", "evaluate", ["--methods", "deeplift"], 2,
+     ["argument --methods: invalid choice: 'deeplift'"]),
     ("evaluate: an unknown layer", "evaluate",
      ["--checkpoint", "{tiny.pkl}", "--methods", "gradcam", "--layer", "fc1", "--quiet"], 2,
      ["layer 'fc1' is not a module of CIFAR10CNN; its layers are block1 (32×32×4)"]),
@@ -157,8 +157,8 @@ CASES = [
      ["argument --batch-size: must be an int >= 1, got 0"]),
     ("bench_train: an unknown precision", "bench_train", ["--precision", "fp16"], 2,
      ["argument --precision: invalid choice: 'fp16'"]),
-    ("bench_xai: an unknown method", "bench_xai", ["--methods", "lime"], 2,
-     ["argument --methods: invalid choice: 'lime'"]),
+    ("bench_xai: an unknown method", "bench_xai", ["--methods", "deeplift"], 2,
+     ["argument --methods: invalid choice: 'deeplift'"]),
     ("bench_xai: no repeats", "bench_xai", ["--repeats", "0"], 2,
      ["argument --repeats: must be an int >= 1, got 0"]),
 ]
