@@ -123,9 +123,13 @@ def _init(model, **kwargs):
 # (model, apply_kwargs, layer, methods that do not apply). None of them sows its
 # attention, which attention rollout reads (tests/test_architectures.py runs it on the ViT).
 NO_ATTENTION = ("attention_rollout",)
+# LIME and KernelSHAP only run the model forward, on perturbed images: whatever the
+# architecture, that path is the same, so they run on the model with the most unusual
+# call (its train flag) and on the ViT, not on every model.
+FORWARD_ONLY = ("lime", "kernel_shap")
 MODELS = {
-    "resnet": (ResNet(), {}, "stage2", NO_ATTENTION),
-    "no batchnorm": (PlainNet(), {}, "conv2", NO_ATTENTION),
+    "resnet": (ResNet(), {}, "stage2", NO_ATTENTION + FORWARD_ONLY),
+    "no batchnorm": (PlainNet(), {}, "conv2", NO_ATTENTION + FORWARD_ONLY),
     "train flag": (NeedsTrainFlag(), {"train": False}, "features", NO_ATTENTION),
     "vit": (TinyViT(), {}, "block_0", ("guided_backprop", "guided_gradcam", "lrp") + NO_ATTENTION),
 }
