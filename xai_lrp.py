@@ -44,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex
 
+from xai_models import CALLS, bind, closed, environment, inner_programs
+
 # ----------------------------------------------------------------------------------------
 # Rules. Each maps a linear layer's output relevance R to its input relevance, given
 #   op(x, w): the layer's linear map (a convolution or a dot_general) without its bias,
@@ -295,7 +297,7 @@ def _proportional(eqns, sources):
             for eqn, operands in zip(eqns, sources):
                 values = [xs_[src[1]] if src[0] == "x" else consts[src[1]] if src[0] == "c"
                           else y if src[0] == "y" else src[1] for src in operands]
-                y = _bind(eqn, values)[0]
+                y = bind(eqn, values)[0]
             return y
 
         cts = jax.vjp(op, *xs)[1](_divide(r, output, 1e-6))
@@ -330,8 +332,6 @@ def _linear(rule, op):
 # ----------------------------------------------------------------------------------------
 # The program interpreter.
 
-_CALLS = {"pjit", "jit", "closed_call", "core_call", "remat", "checkpoint",
-          "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"}
 _ACTIVATIONS = {"relu", "relu6", "leaky_relu", "elu", "celu", "selu", "gelu", "silu",
                 "swish", "sigmoid", "softplus", "tanh", "hard_tanh", "hard_sigmoid",
                 "hard_silu", "hard_swish", "log_sigmoid", "soft_sign", "mish"}
@@ -347,19 +347,8 @@ _AFFINE = {"add", "sub", "mul", "div", "neg", "convert_element_type"}
 
 
 def _inner(eqn):
-    found = list(jex.jaxprs_in_params(eqn.params))
+    found = inner_programs(eqn)
     return found[0] if len(found) == 1 else None
-
-
-def _closed(inner):
-    return (inner.jaxpr, inner.consts) if hasattr(inner, "consts") else (inner, ())
-
-
-def _bind(eqn, values):
-    bound = eqn.primitive.get_bind_params(eqn.params)
-    subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
-    out = eqn.primitive.bind(*subfuns, *values, **params)
-    return list(out) if eqn.primitive.multiple_results else [out]
 
 
 def _is_var(v):
@@ -377,7 +366,7 @@ def _dependence(jaxpr, flags):
 
 def _activation_name(eqn) -> Optional[str]:
     name = eqn.params.get("name")
-    if eqn.primitive.name in _CALLS and name in _ACTIVATIONS:
+    if eqn.primitive.name in CALLS and name in _ACTIVATIONS:
         return name
     if eqn.primitive.name in _ELEMENTWISE_ACTIVATIONS:
         return eqn.primitive.name
@@ -427,21 +416,13 @@ class _Run:
 
     def run(self, jaxpr, consts, args, flags, prefix=""):
         dep = _dependence(jaxpr, flags)
-        env = {}
         consumers = {}
         for i, eqn in enumerate(jaxpr.eqns):
             for v in eqn.invars:
                 if _is_var(v):
                     consumers.setdefault(v, []).append(i)
         outputs = {v for v in jaxpr.outvars if _is_var(v)}
-
-        def read(v):
-            return v.val if isinstance(v, jex.Literal) else env[v]
-
-        for v, value in zip(jaxpr.constvars, consts):
-            env[v] = value
-        for v, value in zip(jaxpr.invars, args):
-            env[v] = value
+        env, read = environment(jaxpr, consts, args)
         groups = {}  # the last variable of a linear layer's affine tail -> the layer
         tails = set()  # the equations merged into a linear layer: run as they are
         for i, eqn in enumerate(jaxpr.eqns):
@@ -449,25 +430,25 @@ class _Run:
             values = [read(v) for v in eqn.invars]
             name = eqn.primitive.name
             if i in tails or not any(deps) or not any(_float(v) for v in eqn.outvars):
-                outs = _bind(eqn, values)
+                outs = bind(eqn, values)
             elif name in ("conv_general_dilated", "dot_general"):
                 group = self.linear(jaxpr, i, eqn, deps, values, dep, consumers, outputs,
                                     prefix)
                 groups[group["end"]] = group
                 tails.update(group["tail_index"])
-                outs = _bind(eqn, values)
+                outs = bind(eqn, values)
             elif _activation_name(eqn) is not None:
-                outs = _bind(eqn, values)
+                outs = bind(eqn, values)
                 x = values[deps.index(True)]
                 if sum(deps) != 1 or len(outs) != 1 or jnp.shape(x) != jnp.shape(outs[0]):
                     raise self.refuse(eqn, prefix, "is an activation of several inputs")
                 outs = [_gate(_passing, (x,), outs[0])]
-            elif name in _CALLS and _inner(eqn) is not None:
-                inner, inner_consts = _closed(_inner(eqn))
+            elif name in CALLS and _inner(eqn) is not None:
+                inner, inner_consts = closed(_inner(eqn))
                 outs = self.run(inner, inner_consts, values, deps,
                                 prefix + "/" + str(eqn.source_info.name_stack))
             elif name in _SUMS and (name not in ("add", "sub") or all(deps)):
-                outs = _bind(eqn, values)
+                outs = bind(eqn, values)
                 group = self.sum(jaxpr, eqn, deps, values, dep, consumers, outputs, read)
                 if group["tail_index"]:  # gated at the end of its scaling
                     tails.update(group["tail_index"])
@@ -475,7 +456,7 @@ class _Run:
                 else:
                     outs = [self.gate(group, outs[0], read)]
             elif name == "reduce_max" and len(eqn.invars) == 1:
-                outs = _bind(eqn, values)
+                outs = bind(eqn, values)
                 outs = [_gate(_winner_takes_all(tuple(eqn.params["axes"])), (values[0],),
                               outs[0])]
             elif name in _WITH_CONSTANT or name in ("neg", "convert_element_type"):
@@ -483,13 +464,13 @@ class _Run:
                     raise self.refuse(eqn, prefix, "multiplies or divides two activations")
                 if name == "div" and not deps[0]:
                     raise self.refuse(eqn, prefix, "divides by an activation")
-                outs = _bind(eqn, values)
+                outs = bind(eqn, values)
                 x = values[deps.index(True)]
                 if jnp.shape(x) != jnp.shape(outs[0]):
                     raise self.refuse(eqn, prefix, "broadcasts an activation")
                 outs = [_gate(_passing, (x,), outs[0])]
             elif name in _ROUTING:
-                outs = _bind(eqn, values)
+                outs = bind(eqn, values)
             else:
                 raise self.refuse(eqn, prefix, "has no LRP rule")
             for v, value in zip(eqn.outvars, outs):
@@ -558,7 +539,7 @@ class _Run:
                                   tuple(eqn.outvars[0].aval.shape)))
 
         def op(a, v, eqn=eqn):
-            return _bind(eqn, [a, v])[0]
+            return bind(eqn, [a, v])[0]
 
         return {"end": var, "x": x, "w": w, "op": op, "tail": tail, "rule": rule,
                 "out_axis": out_axis, "w_axis": w_axis, "channels": channels,
@@ -613,7 +594,7 @@ class _Run:
             local = {group["linear_out"]: y}
             for eqn in group["tail"]:
                 vals = [local[v] if v in local else read(v) for v in eqn.invars]
-                local[eqn.outvars[0]] = _bind(eqn, vals)[0]
+                local[eqn.outvars[0]] = bind(eqn, vals)[0]
             return local[group["end"]]
 
         axis, c = group["out_axis"], group["channels"]
@@ -732,15 +713,3 @@ def canonical(fn, images, *, strip_root=True):
     and the bias folded in), the network LRP's rules see."""
     _, interpreted = _run(fn, images, named_composite("epsilon"), strip_root, merged=True)
     return interpreted(images)
-
-
-def check_supported(fn, images_shape, dtype=jnp.float32, *, strip_root=True) -> Optional[str]:
-    """None when LRP can explain `fn` on images of this shape, else why not (abstract:
-    nothing runs)."""
-    images = jax.ShapeDtypeStruct(tuple(images_shape), dtype)
-    try:
-        jax.eval_shape(lambda x: relevance(fn, x, lambda z: z, named_composite("epsilon"),
-                                           strip_root=strip_root)[0], images)
-    except UnsupportedError as error:
-        return str(error)
-    return None

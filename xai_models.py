@@ -307,9 +307,9 @@ def _guided_relu_bwd(x, g):
 
 guided_relu.defvjp(_guided_relu_fwd, _guided_relu_bwd)
 
-# Primitives whose inner program runs once, in order: the interpreter steps into them.
-_CALLS = {"pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "remat",
-          "checkpoint"}
+# Primitives whose inner program runs once, in order: the interpreters step into them.
+CALLS = {"pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
+         "custom_vjp_call_jaxpr", "remat", "checkpoint"}
 
 
 def _is_zero(v) -> bool:
@@ -328,9 +328,17 @@ def _relu_input(eqn):
     return None
 
 
-def _inner(eqn):
+def inner_programs(eqn):
     """The inner (closed) programs of a higher-order equation."""
     return list(jex.jaxprs_in_params(eqn.params))
+
+
+def bind(eqn, values):
+    """Runs one equation of a program on `values`: its outputs, as a list."""
+    bound = eqn.primitive.get_bind_params(eqn.params)
+    subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
+    out = eqn.primitive.bind(*subfuns, *values, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
 
 
 def count_relus(jaxpr) -> int:
@@ -340,39 +348,41 @@ def count_relus(jaxpr) -> int:
         if _relu_input(eqn) is not None:
             total += 1
         else:
-            total += sum(count_relus(inner) for inner in _inner(eqn))
+            total += sum(count_relus(inner) for inner in inner_programs(eqn))
     return total
 
 
-def _closed(inner):
+def closed(inner):
+    """(jaxpr, consts) of an inner program, closed or not."""
     return (inner.jaxpr, inner.consts) if hasattr(inner, "consts") else (inner, ())
 
 
-def _eval_guided(jaxpr, consts, *args):
-    env = {}
+def environment(jaxpr, consts, args):
+    """(env, read) to evaluate `jaxpr` by hand: env maps its variables to values, with
+    its constants and inputs set; read(v) is a literal's value or env[v]."""
+    env = dict(zip(jaxpr.constvars, consts))
+    env.update(zip(jaxpr.invars, args))
 
     def read(v):
         return v.val if isinstance(v, jex.Literal) else env[v]
 
-    for var, value in zip(jaxpr.constvars, consts):
-        env[var] = value
-    for var, value in zip(jaxpr.invars, args):
-        env[var] = value
+    return env, read
+
+
+def _eval_guided(jaxpr, consts, *args):
+    env, read = environment(jaxpr, consts, args)
     for eqn in jaxpr.eqns:
         relu_in = _relu_input(eqn)
-        inner = _inner(eqn)
+        inner = inner_programs(eqn)
         if relu_in is not None:
             outs = [guided_relu(read(relu_in))]
-        elif inner and any(count_relus(_closed(j)[0]) for j in inner):
-            if eqn.primitive.name not in _CALLS or len(inner) != 1:
+        elif inner and any(count_relus(closed(j)[0]) for j in inner):
+            if eqn.primitive.name not in CALLS or len(inner) != 1:
                 raise UnguidedError(f"Guided Backprop cannot rewrite the ReLUs inside a "
                                     f"`{eqn.primitive.name}` (a loop or branch) of the model")
-            outs = _eval_guided(*_closed(inner[0]), *map(read, eqn.invars))
+            outs = _eval_guided(*closed(inner[0]), *map(read, eqn.invars))
         else:
-            bound = eqn.primitive.get_bind_params(eqn.params)
-            subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
-            outs = eqn.primitive.bind(*subfuns, *map(read, eqn.invars), **params)
-            outs = outs if eqn.primitive.multiple_results else [outs]
+            outs = bind(eqn, [read(v) for v in eqn.invars])
         for var, value in zip(eqn.outvars, outs):
             if not isinstance(var, jex.DropVar):
                 env[var] = value
