@@ -713,3 +713,10 @@ def canonical(fn, images, *, strip_root=True):
     and the bias folded in), the network LRP's rules see."""
     _, interpreted = _run(fn, images, named_composite("epsilon"), strip_root, merged=True)
     return interpreted(images)
+
+
+def propagate(fn, images, *, strip_root=True):
+    """fn(images) through LRP's interpreter, forward only (any composite): raises
+    `UnsupportedError` where LRP has no rule. Cheap under `jax.eval_shape`."""
+    composite = Composite((("conv", Epsilon()), ("dense", Epsilon())))
+    return _run(fn, images, composite, strip_root)[1](images)

@@ -550,9 +550,9 @@ def _needs_lrp_rules(model, image_shape, apply_kwargs):
     """Why LRP cannot explain `model` (e.g. attention), or None when it can."""
     variables = abstract_variables(model, image_shape, frozen_kwargs(apply_kwargs))
     try:
-        jax.eval_shape(lambda v, x: lrp(model, v, x, jnp.zeros((x.shape[0],), jnp.int32),
-                                        composite="epsilon").maps, variables,
-                       jax.ShapeDtypeStruct(image_shape, jnp.float32))
+        jax.eval_shape(lambda v, x: xai_lrp.propagate(forward(model, v, apply_kwargs), x,
+                                                      strip_root=is_module(model)),
+                       variables, jax.ShapeDtypeStruct(image_shape, jnp.float32))
     except xai_lrp.UnsupportedError as e:
         return str(e)
     return None

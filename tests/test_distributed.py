@@ -130,7 +130,8 @@ def test_two_processes_evaluate_the_card_of_one(data_dir, tmp_path, tiny_model, 
     port = free_port()
     both = [start("evaluate_xai.py", flags + ["--output-dir", str(tmp_path / "two")], tmp_path,
                   data_dir, (i, 2, port),
-                  XLA_FLAGS="--xla_force_host_platform_device_count=2") for i in range(2)]
+                  XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+                  + " --xla_force_host_platform_device_count=2") for i in range(2)]
     alone = start("evaluate_xai.py", flags + ["--output-dir", str(tmp_path / "one")], tmp_path,
                   data_dir)
     outs = [finish(p) for p in both]

@@ -396,7 +396,8 @@ def test_data_parallel_training_matches_one_device(trained_default, synthetic_da
     np.savez(tmp_path / "config.npz", **{k: v for k, v in dataclasses.asdict(config).items()
                                          if v is not None})
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    env = dict(os.environ, XLA_FLAGS=flags,
                JAX_PLATFORMS="cpu", PYTHONPATH=str(root),
                JAX_COMPILATION_CACHE_DIR=str(root / ".cache" / "jax"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2")
