@@ -113,7 +113,8 @@ def test_a_newcomers_first_hour(run, tmp_path):
     # 5. the evaluation of one method, on the model trained above
     out = run("evaluate_xai.py", "--checkpoint", str(smoke.relative_to(home)), "--methods",
               "gradcam", "--num-images", "4", "--chunk", "4", "--randomization-images", "2",
-              "--step", "256", "--quiet")
+              "--step", "256", "--faithfulness-subsets", "8", "--infidelity-perturbations", "4",
+              "--focus-mosaics", "0", "--quiet")
     card = json.loads((home / "xai_results" / "evaluation" / "evaluation.json").read_text())
     assert list(card["methods"]) == ["gradcam"]
     assert card["config"]["checkpoint"] == "xai_results/smoke_model.pkl"
