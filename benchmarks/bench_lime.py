@@ -2,6 +2,7 @@
 
     pip install -r benchmarks/requirements.txt   # lime (an optional peer)
     python benchmarks/bench_lime.py --num-images 100 --samples 1000
+    python benchmarks/bench_lime.py --num-images 100 --samples 1000 --linear-model
 
 Both explain the first --num-images test records for their predicted class with the
 same superpixels (scikit-image SLIC, 64 segments asked, compactness 10), off segments
@@ -21,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -31,6 +33,14 @@ import xai_cli as cli  # noqa: E402
 import xai_surrogates as xs  # noqa: E402
 import xai_visualizations as xv  # noqa: E402
 from checkpoints import PRETRAINED, load_checkpoint  # noqa: E402
+
+
+class Linear(nn.Module):
+    """10 logits, each a linear function of the pixels."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(10)(x.reshape(x.shape[0], -1))
 
 
 def ours(model, variables, images, samples, batch_size, chunk, quiet):
@@ -86,12 +96,19 @@ def main(argv=None):
                         help="model inputs per call, lime's (default: %(default)s, lime's)")
     parser.add_argument("--chunk", type=cli.int_at_least(1), default=10,
                         help="images per call of ours (default: %(default)s)")
+    parser.add_argument("--linear-model", action="store_true",
+                        help="explain a linear model (random weights) instead of the CNN: "
+                             "its forward pass costs next to nothing, so what is timed is "
+                             "each library's own machinery")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     import scipy.stats  # noqa: PLC0415
 
     model, variables = load_checkpoint(PRETRAINED)
+    if args.linear_model:
+        model = Linear()
+        variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     data = cifar10_data.load_cifar10(args.data_dir)
     images = jnp.asarray(data.test_images[:args.num_images], jnp.float32) / 255.0
     our_maps, our_s = ours(model, variables, images, args.samples, args.batch_size,
@@ -106,7 +123,8 @@ def main(argv=None):
         a, b = our_maps[n].ravel()[first], their_maps[n].ravel()[first]
         rho.append(scipy.stats.spearmanr(a, b).statistic)
     n = args.num_images
-    print(f"LIME, {n} test images x {args.samples} samples, the shipped CNN, "
+    print(f"LIME, {n} test images x {args.samples} samples, "
+          f"{'a linear model' if args.linear_model else 'the shipped CNN'}, "
           f"{cli.describe_device()}, batches of {args.batch_size} (ours) and "
           f"{args.lime_batch_size} (lime)")
     print(f"ours: {n / our_s:.2f} img/s ({our_s:.1f} s); lime: {n / their_s:.2f} img/s "

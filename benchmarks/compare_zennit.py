@@ -15,6 +15,7 @@ predicted logit, and both libraries' images per second, side by side in one run.
 """
 
 import argparse
+import importlib.metadata
 import sys
 import time
 import types
@@ -126,7 +127,7 @@ def main(argv=None):
     images = jnp.asarray(data.test_images[:args.num_images], jnp.float32) / 255.0
     net = torch_cnn(variables)
     print(f"{args.num_images} test images, the shipped CNN, {cli.describe_device()}, "
-          f"torch {torch.__version__}, zennit {zennit.__version__ if hasattr(zennit, '__version__') else ''}")
+          f"torch {torch.__version__}, zennit {importlib.metadata.version('zennit')}")
     print("| composite | max |ours − Zennit's| / max |Zennit's| | Σ R / logit (ours, Zennit's) | "
           "ours img/s | Zennit's img/s |")
     print("| --- | --- | --- | --- | --- |")
