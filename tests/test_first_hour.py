@@ -78,13 +78,13 @@ def test_a_newcomers_first_hour(run, tmp_path):
     assert [len(list(d.iterdir())) for d in states.iterdir()] == [2]  # one run, 2 epochs
 
     # 2. a second training with other settings, then the smoke run again: both succeed
-    run("train_cifar10.py", "--smoke", "--epochs", "3", "--quiet")
-    assert sorted(len(list(d.iterdir())) for d in states.iterdir()) == [2, 3]
+    run("train_cifar10.py", "--smoke", "--epochs", "1", "--quiet")
+    assert sorted(len(list(d.iterdir())) for d in states.iterdir()) == [1, 2]
     out = run("train_cifar10.py", "--smoke")
     assert "starting over: this run finished before" in out
 
     # 3. a run killed in mid-run, resumed with the command it printed
-    process = run("train_cifar10.py", "--smoke", "--epochs", "8", "--output",
+    process = run("train_cifar10.py", "--smoke", "--epochs", "4", "--output",
                   "runs/long.pkl", wait=False)
     deadline = time.time() + 240
     while not list((home / "runs").glob("long.states/*/state_0001.pkl")):
@@ -96,7 +96,7 @@ def test_a_newcomers_first_hour(run, tmp_path):
     assert "train_cifar10.py: interrupted; the state after epoch" in err
     command = _resume_command(out)  # printed when it started ...
     assert command == _resume_command(err)  # ... and when it was interrupted
-    assert command[1:] == [str(ROOT / "train_cifar10.py"), "--smoke", "--epochs", "8",
+    assert command[1:] == [str(ROOT / "train_cifar10.py"), "--smoke", "--epochs", "4",
                            "--output", "runs/long.pkl", "--resume"]
     out = run(*command[1:])
     assert "resuming after epoch" in out and (home / "runs" / "long.pkl").is_file()
