@@ -175,7 +175,6 @@ class WSquare(NamedTuple):
 
 Rule = Union[Epsilon, Gamma, AlphaBeta, ZBox, Flat, WSquare]
 RULES = (Epsilon, Gamma, AlphaBeta, ZBox, Flat, WSquare)
-KINDS = ("conv", "dense")
 
 # ----------------------------------------------------------------------------------------
 # Composites: which rule each linear layer takes.
@@ -691,8 +690,8 @@ def layer_relevances(fn, images, start, composite, *, strip_root=True):
     """The relevance at every linear layer's input and output, in forward order:
     [(path, kind, rule, R_in, R_out)]; with `relevance`'s arguments. On a network
     without biases and with LRP-0, Σ R_in = Σ R_out at every layer."""
-    run, _ = _run(fn, images, composite, strip_root)
-    jax.eval_shape(lambda x: run.run(*_program(fn, images), [x], [True]), images)
+    run, interpreted = _run(fn, images, composite, strip_root)
+    jax.eval_shape(interpreted, images)  # finds the layers and their shapes
     layers = run.layers
     taps = [(jnp.zeros(layer.input_shape, images.dtype),
              jnp.zeros(layer.output_shape, images.dtype)) for layer in layers]
