@@ -161,10 +161,9 @@ def explain_by_segments(f: Callable, images, targets, key, *, method, n_samples,
         z = jnp.broadcast_to(lime_coalitions(key, n_samples, m),
                              (images.shape[0], n_samples, m))
     else:
-        z = jax.vmap(lambda i, msk: shapley_coalitions(jax.random.fold_in(key, i), n_samples,
-                                                       msk))(jnp.arange(images.shape[0]),
-                                                             mask)
-        # (an image's coalitions depend on its own segment count and the key only)
+        # one key for every image: its coalitions depend on its own segment count and the
+        # key only, never on its place in the batch
+        z = jax.vmap(lambda msk: shapley_coalitions(key, n_samples, msk))(mask)
 
     def scores(s, i):
         x = jax.vmap(perturbed)(images[i], segments[i], filled[i], z[i, s])
