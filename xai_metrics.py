@@ -12,12 +12,14 @@
 - The random-logit test (Sixt et al. 2020): the map of the predicted class against the
   map of a random other class; a map that does not change with the class is not
   class-specific.
+- Robustness: max- and average sensitivity and a local Lipschitz estimate in an L∞ ball
+  (`sensitivity`); `adversarial.py` searches the same ball by PGD.
 
 Maps are (N, H, W), images float (N, H, W, C) in [0, 1], targets int (N,). Everything
 here is a pure, jittable function; `evaluate_xai.py` runs it over the test set.
 """
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -446,6 +448,63 @@ def infidelity(model, variables, images, attributions, targets, key, *, n_pertur
             power > 0, power, 1), 0.0)
         paired = beta[None] * paired
     return jnp.mean((paired - drop) ** 2, axis=0)
+
+
+class Sensitivity(NamedTuple):
+    """Monte Carlo robustness of an explanation in an L∞ ball (`sensitivity`); each (N,)."""
+
+    max: jax.Array  # max_δ ‖e(x + δ) − e(x)‖ / ‖e(x)‖ (Captum's sensitivity_max)
+    avg: jax.Array  # the mean of the same ratio over the draws (Yeh et al.'s average)
+    lipschitz: jax.Array  # max_δ ‖e(x + δ) − e(x)‖ / ‖δ‖ (Alvarez-Melis & Jaakkola 2018)
+    worst: jax.Array  # (N, H, W, C) the draw δ that gave `max`
+
+
+def uniform_noise(key, sample, shape, radius):
+    """Draw `sample` of the uniform noise on [−radius, radius]^shape: the same draw for
+    every image, so an image's value never depends on its batch-mates."""
+    return jax.random.uniform(jax.random.fold_in(key, sample), shape, minval=-radius,
+                              maxval=radius)
+
+
+def sensitivity(explain_fn, images, targets, key, *, radius=0.02, n_samples=10,
+                batch_size=256) -> Sensitivity:
+    """Max- and average sensitivity (Yeh et al., NeurIPS 2019) and a local Lipschitz
+    estimate (Alvarez-Melis & Jaakkola 2018) of an explanation, by Monte Carlo.
+
+    Captum's `sensitivity_max` semantics: `n_samples` draws δ uniform in the L∞ ball of
+    `radius` (not clipped to [0, 1]), each image explained again for the same target,
+    and ‖e(x + δ) − e(x)‖_F / ‖e(x)‖_F, with a zero map's norm taken as 1. Draw s is the
+    same noise for every image.
+
+    Args:
+        explain_fn: `(images (B, H, W, C), targets (B,)) -> maps (B, ...)`.
+        images: (N, H, W, C); targets: (N,) resolved classes (e.g. the predictions).
+        batch_size: how many perturbed images are explained at once.
+
+    Returns:
+        Sensitivity of (N,) values, and the worst draw per image.
+    """
+    n = _check_images(images)[0]
+    check_number("radius", radius)
+    check_int("n_samples", n_samples, 1)
+    check_int("batch_size", batch_size, 1)
+    base = explain_fn(images, targets).reshape(n, -1)
+    base_norm = jnp.linalg.norm(base, axis=-1)
+    base_norm = jnp.where(base_norm > 0, base_norm, 1.0)
+
+    def change(s, i):
+        noise = jax.vmap(lambda t: uniform_noise(key, t, images.shape[1:], radius))(s)
+        moved = explain_fn(images[i] + noise, targets[i]).reshape(len(i), -1)
+        return jnp.stack([jnp.linalg.norm(moved - base[i], axis=-1),
+                          jnp.linalg.norm(noise.reshape(len(i), -1), axis=-1)], -1)
+
+    changes, radii = jnp.moveaxis(map_pairs(change, n, n_samples, batch_size, total=False),
+                                  -1, 0)  # each (S, N)
+    ratios = changes / base_norm[None]
+    worst = jnp.argmax(ratios, axis=0)
+    return Sensitivity(jnp.max(ratios, axis=0), jnp.mean(ratios, axis=0),
+                       jnp.max(changes / jnp.maximum(radii, 1e-12), axis=0),
+                       jax.vmap(lambda s: uniform_noise(key, s, images.shape[1:], radius))(worst))
 
 
 def sparseness(maps):

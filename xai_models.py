@@ -17,7 +17,8 @@
   T − 1 = s².
 - `check_call(...)` checks images and variables against the model with `jax.eval_shape`
   before anything is compiled, and names the first thing that does not fit.
-- `guided(fn)` evaluates fn's traced program with Guided Backprop's rule on every ReLU.
+- `guided(fn)` evaluates fn's traced program with Guided Backprop's rule on every ReLU,
+  and `softplus_relus(fn, beta)` with a softplus in place of every ReLU.
 
 Shapes: images (N, H, W, C); logits (N, K).
 """
@@ -369,18 +370,19 @@ def environment(jaxpr, consts, args):
     return env, read
 
 
-def _eval_guided(jaxpr, consts, *args):
+def _eval_relus(relu, what, jaxpr, consts, *args):
+    """Evaluates a program with every ReLU run as `relu`, and everything else as traced."""
     env, read = environment(jaxpr, consts, args)
     for eqn in jaxpr.eqns:
         relu_in = _relu_input(eqn)
         inner = inner_programs(eqn)
         if relu_in is not None:
-            outs = [guided_relu(read(relu_in))]
+            outs = [relu(read(relu_in))]
         elif inner and any(count_relus(closed(j)[0]) for j in inner):
             if eqn.primitive.name not in CALLS or len(inner) != 1:
-                raise UnguidedError(f"Guided Backprop cannot rewrite the ReLUs inside a "
+                raise UnguidedError(f"{what} cannot rewrite the ReLUs inside a "
                                     f"`{eqn.primitive.name}` (a loop or branch) of the model")
-            outs = _eval_guided(*closed(inner[0]), *map(read, eqn.invars))
+            outs = _eval_relus(relu, what, *closed(inner[0]), *map(read, eqn.invars))
         else:
             outs = bind(eqn, [read(v) for v in eqn.invars])
         for var, value in zip(eqn.outvars, outs):
@@ -407,7 +409,29 @@ def guided(fn: Callable) -> Callable:
         if not count_relus(closed.jaxpr):
             raise UnguidedError("Guided Backprop needs a ReLU network, and the model's program "
                             "has no ReLU (jax.nn.relu or max(x, 0))")
-        (out,) = _eval_guided(closed.jaxpr, closed.consts, x)
+        (out,) = _eval_relus(guided_relu, "Guided Backprop", closed.jaxpr, closed.consts, x)
         return out
 
     return guided_fn
+
+
+def softplus_relus(fn: Callable, beta: float) -> Callable:
+    """fn(x) with every ReLU replaced by softplus_β(z) = log(1 + exp(βz)) / β.
+
+    A ReLU network's input gradient is piecewise constant, so its second derivatives are
+    zero and an attack cannot differentiate a gradient explanation; the softplus network
+    is a smooth surrogate that tends to fn as β -> ∞ (Dombrowski et al. 2019), and the
+    β-smoothed explanation is their defence. A program without ReLUs is returned as is;
+    ReLUs inside a loop or a branch are refused.
+    """
+    def relu(z):
+        return jax.nn.softplus(beta * z) / beta
+
+    def smooth_fn(x):
+        closed = jax.make_jaxpr(fn)(x)
+        if not count_relus(closed.jaxpr):
+            return fn(x)
+        (out,) = _eval_relus(relu, "softplus_relus", closed.jaxpr, closed.consts, x)
+        return out
+
+    return smooth_fn
