@@ -562,12 +562,7 @@ def evaluate(config: EvalConfig, model=None, variables=None, data=None):
 def parse_args(argv=None) -> EvalConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     defaults = EvalConfig()
-    parser.add_argument("--checkpoint", default=None,
-                        help="default: cifar10_model.pkl when it exists, else the pretrained one")
-    parser.add_argument("--data-dir", default=None,
-                        help="CIFAR-10 folder; default: $CIFAR10_DIR, then tfds, then download")
-    parser.add_argument("--output-dir", default=defaults.output_dir,
-                        help="where the files go (default: %(default)s)")
+    cli.add_input_flags(parser, defaults.output_dir)
     parser.add_argument("--methods", nargs="+", default=None, choices=tuple(xv.METHODS),
                         help="default: every method that can explain the model")
     parser.add_argument("--layer", default=None,

@@ -147,6 +147,16 @@ def int_at_least(minimum: int):
     return parse
 
 
+def add_input_flags(parser, output_dir: str):
+    """The flags every checkpoint script shares: --checkpoint, --data-dir, --output-dir."""
+    parser.add_argument("--checkpoint", default=None,
+                        help="default: cifar10_model.pkl when it exists, else the pretrained one")
+    parser.add_argument("--data-dir", default=None,
+                        help="CIFAR-10 folder; default: $CIFAR10_DIR, then tfds, then download")
+    parser.add_argument("--output-dir", default=output_dir,
+                        help="where the files go (default: %(default)s)")
+
+
 def check_writable(path, name: str, *, folder: bool = False):
     """Refuses, before any work is done, an output `path` that cannot be written.
 

@@ -1,0 +1,515 @@
+"""Robustness card of a checkpoint: adversarial accuracy, and how easily each map moves.
+
+    python robustness_xai.py                                   # every part, the defaults
+    python robustness_xai.py --parts accuracy --accuracy-images 1000
+    python robustness_xai.py --methods saliency gradcam --num-images 50
+
+Writes into --output-dir:
+- robustness.json and robustness.md: the card, one section per method;
+- accuracy.png: accuracy against ε under FGSM and PGD;
+- fragility.png: how far each method's map moves against ε, attack and random noise;
+- manipulation.png: one manipulated map (original, target, manipulated, |δ| amplified).
+
+The parts are `adversarial.py`'s: robust accuracy (FGSM, PGD-k, L∞) on the first test
+records; Ghorbani et al.'s fragility attack against random-sign noise of the same ε;
+Dombrowski et al.'s manipulation and their β-smoothing defence; and the Monte Carlo and
+adversarial sensitivities of each map (`xai_metrics.sensitivity`,
+`adversarial.adversarial_sensitivity`). Every number comes from --seed.
+"""
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+import adversarial as adv
+import cifar10_data
+import xai_cli as cli
+import xai_metrics as xm
+import xai_visualizations as xv
+from checkpoints import atomic_write, default_checkpoint, describe_checkpoint, load_checkpoint
+from cifar10_data import EXACT_TEST_RECORDS
+from xai_models import forward, softplus_relus
+
+PARTS = ("accuracy", "fragility", "manipulation", "sensitivity")
+# Methods attacked by default: the input-gradient methods, and Grad-CAM beside them.
+DEFAULT_METHODS = adv.GRADIENT_METHODS + ("gradcam",)
+
+
+@dataclasses.dataclass(frozen=True)
+class RobustnessConfig:
+    checkpoint: Optional[str] = None      # default: cifar10_model.pkl, else pretrained/
+    data_dir: Optional[str] = None        # default: $CIFAR10_DIR, then tfds, then download
+    output_dir: str = "xai_results/robustness"
+    parts: Tuple[str, ...] = PARTS
+    methods: Tuple[str, ...] = DEFAULT_METHODS  # attacked and measured
+    accuracy_images: int = EXACT_TEST_RECORDS  # first test records for the accuracy
+    accuracy_epsilons: Tuple[float, ...] = (0, 1, 2, 4, 8)  # in 1/255
+    pgd_steps: int = 20
+    num_images: int = 200                 # first test records for the fragility
+    sensitivity_images: int = 100         # first test records for the sensitivities
+    fragility_epsilons: Tuple[float, ...] = (2, 4, 8)  # in 1/255
+    attack_steps: int = 10                # steps of the attacks on explanations
+    top_k: int = 100                      # pixels in Ghorbani et al.'s top-k
+    beta: float = 10.0                    # the attacks' softplus surrogate
+    defence_beta: float = 5.0             # β-smoothing, the defence
+    manipulation_method: str = "saliency"
+    manipulation_images: int = 100
+    manipulation_steps: int = 100
+    sensitivity_radius: float = 0.02      # the L∞ ball of the sensitivities
+    sensitivity_samples: int = 10
+    ig_steps: int = 16
+    smoothgrad_samples: int = 16
+    chunk: int = 50                       # images per attacked call (a fixed shape)
+    seed: int = 0
+    quiet: bool = False
+
+    def options(self, method):
+        given = {"steps": self.ig_steps, "n_samples": self.smoothgrad_samples}
+        return {k: v for k, v in given.items() if k in xv.METHODS[method].options}
+
+    def batch_size(self):
+        """Every sample of a chunk in one call: no loop inside the differentiated maps."""
+        return self.chunk * max(self.ig_steps, self.smoothgrad_samples)
+
+
+class Attacked:
+    """One checkpoint's model, its test images and the attacks' shared settings."""
+
+    def __init__(self, config, model, variables, images, labels):
+        self.config, self.model, self.variables = config, model, variables
+        self.images, self.labels = images, labels
+        logits = jax.jit(forward(model, variables))
+        self.preds = jnp.concatenate([jnp.argmax(logits(images[i:i + config.chunk]), -1)
+                                      for i in range(0, len(images), config.chunk)])
+        self.key = jax.random.key(config.seed)
+
+    def tools(self, method, beta=None):
+        c = self.config
+        return adv.surrogates(method, self.model, self.variables, beta=beta or c.beta,
+                              key=jax.random.fold_in(self.key, 1), batch_size=c.batch_size(),
+                              **c.options(method))
+
+    def chunks(self, n):
+        for start in range(0, n, self.config.chunk):
+            yield slice(start, min(start + self.config.chunk, n))
+
+    def fragility(self, method, bar):
+        c = self.config
+        h, surrogate, predict, _ = self.tools(method)
+        h = jax.jit(h)
+        n = min(c.num_images, len(self.images))
+        out = {}
+        for eps in c.fragility_epsilons:
+            runs = {"random": [], "attack": []}
+            for part in self.chunks(n):
+                x, t = self.images[part], self.preds[part]
+                runs["random"].append(adv.random_sign(h, predict, x, t, self.key,
+                                                      eps=eps / 255, k=c.top_k))
+                runs["attack"].append(adv.fragility_attack(
+                    h, surrogate, predict, x, t, eps=eps / 255, steps=c.attack_steps,
+                    k=c.top_k))
+                bar.update(1)
+            row = {}
+            for kind, results in runs.items():
+                changes = {k: np.concatenate([np.asarray(r.changes[k]) for r in results])
+                           for k in results[0].changes}
+                row[kind] = {**{k: float(np.mean(v)) for k, v in changes.items()},
+                             "kept": float(np.mean(np.concatenate(
+                                 [np.asarray(r.kept) for r in results]))),
+                             "per_image_top_k": changes["top_k"]}
+            test = xm.paired_verdict(row["attack"].pop("per_image_top_k"),
+                                     row["random"].pop("per_image_top_k"),
+                                     lower_is_better=True)
+            out[f"{eps:g}"] = {**row, "attack_vs_random": test}
+        return {"num_images": n, "epsilons_255": list(c.fragility_epsilons), "top_k": c.top_k,
+                "attack_steps": c.attack_steps, "beta": c.beta, "by_eps": out}
+
+    def sensitivity(self, method, bar):
+        c = self.config
+        h, surrogate, _, _ = self.tools(method)
+        n = min(c.sensitivity_images, len(self.images))
+        values = {"max": [], "avg": [], "lipschitz": [], "adversarial": []}
+        for part in self.chunks(n):
+            found, mc = adv.adversarial_sensitivity(
+                h, surrogate, self.images[part], self.preds[part], jax.random.fold_in(self.key, 2),
+                radius=c.sensitivity_radius, n_samples=c.sensitivity_samples,
+                steps=c.attack_steps, batch_size=c.batch_size())
+            for name, v in (("max", mc.max), ("avg", mc.avg), ("lipschitz", mc.lipschitz),
+                            ("adversarial", found)):
+                values[name].append(np.asarray(v))
+            bar.update(1)
+        values = {k: np.concatenate(v) for k, v in values.items()}
+        return {"num_images": n, "radius": c.sensitivity_radius,
+                "samples": c.sensitivity_samples,
+                **{k: {"mean": float(np.mean(v)), "median": float(np.median(v))}
+                   for k, v in values.items()},
+                "adversarial_over_max": float(np.median(values["adversarial"]
+                                                        / np.maximum(values["max"], 1e-12)))}
+
+    def manipulation(self, bar):
+        c = self.config
+        method = c.manipulation_method
+        n = min(c.manipulation_images, len(self.images))
+        x_all, t_all = self.images[:n], self.preds[:n]
+        # Each image's target is the map of the next image (of another scene).
+        target_images, target_classes = jnp.roll(x_all, -1, 0), jnp.roll(t_all, -1, 0)
+        result = {"method": method, "num_images": n, "eps_255": 8,
+                  "steps": c.manipulation_steps, "defence_beta": c.defence_beta}
+        example, manipulated = None, []
+        for name, beta in (("standard", c.beta), ("beta_smoothed", c.defence_beta)):
+            h, surrogate, _, logits_fn = self.tools(method, beta)
+            if name == "beta_smoothed":  # the defence explains the softplus network itself
+                h = surrogate
+            h = jax.jit(h)
+            rows = []
+            for part in self.chunks(n):
+                x, t = x_all[part], t_all[part]
+                goal = h(target_images[part], target_classes[part])
+                m = adv.manipulate(h, surrogate, logits_fn, x, t, goal, eps=8 / 255,
+                                   steps=c.manipulation_steps)
+                rows.append(m)
+                if name == "standard" and part.start == 0:
+                    example = {"image": x[0], "target_image": target_images[0],
+                               "original": h(x[:1], t[:1])[0], "target": goal[0],
+                               "manipulated": m.maps[0], "adversarial": m.images[0]}
+                if name == "standard":
+                    manipulated.append(m.images)
+                bar.update(1)
+            result[name] = {k: float(np.mean(np.concatenate([np.asarray(getattr(r, k))
+                                                             for r in rows])))
+                            for k in ("mse_before", "mse_after", "kept")}
+        # The defence against the attack made for the standard maps (no adaptation).
+        h_smooth = jax.jit(self.tools(method, c.defence_beta)[1])
+        manipulated = jnp.concatenate(manipulated)
+        before, after = [], []
+        for part in self.chunks(n):
+            goal = h_smooth(target_images[part], target_classes[part])
+            before.append(adv.map_mse(h_smooth(x_all[part], t_all[part]), goal))
+            after.append(adv.map_mse(h_smooth(manipulated[part], t_all[part]), goal))
+        result["beta_smoothed_transfer"] = {"mse_before": float(jnp.mean(jnp.concatenate(before))),
+                                            "mse_after": float(jnp.mean(jnp.concatenate(after)))}
+        smooth_logits = softplus_relus(forward(self.model, self.variables), c.defence_beta)
+        result["beta_smoothed_accuracy"] = float(jnp.mean(
+            jnp.argmax(jax.jit(smooth_logits)(x_all), -1) == self.labels[:n]))
+        result["standard_accuracy"] = float(jnp.mean(self.preds[:n] == self.labels[:n]))
+        return result, example
+
+
+def run(config: RobustnessConfig, model=None, variables=None, data=None):
+    """Runs the card's parts and writes its files; returns the report dict."""
+    if model is None:
+        config = dataclasses.replace(config, checkpoint=str(config.checkpoint
+                                                            or default_checkpoint()))
+        model, variables = load_checkpoint(config.checkpoint)
+        if not config.quiet:
+            print(f"attacking {describe_checkpoint(config.checkpoint)}")
+    for method in config.methods:
+        xv.check_options(method, model, config.options(method), variables=variables)
+    if data is None:
+        data = cifar10_data.load_cifar10(config.data_dir)
+    n = max(config.accuracy_images if "accuracy" in config.parts else 0,
+            config.num_images, config.sensitivity_images, config.manipulation_images)
+    n = min(n, len(data.test_labels))
+    images = jnp.asarray(data.test_images[:n], jnp.float32) / 255.0
+    labels = jnp.asarray(data.test_labels[:n])
+    attacked = Attacked(config, model, variables, images, labels)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"device": cli.describe_device(), "config": dataclasses.asdict(config),
+              "seconds": {}, "methods": {}}
+    report.update(earlier_parts(out / "robustness.json", config))
+
+    def save():
+        atomic_write(out / "robustness.json",
+                     lambda f: f.write(json.dumps(report, indent=2).encode()))
+        atomic_write(out / "robustness.md", lambda f: f.write(markdown(report).encode()))
+
+    if "accuracy" in config.parts:
+        start = time.perf_counter()
+        m = min(config.accuracy_images, n)
+        with tqdm(total=m, desc="robust accuracy", disable=config.quiet) as bar:
+            report["accuracy"] = {"num_images": m, "pgd_steps": config.pgd_steps,
+                                  **adv.robust_accuracy(
+                model, variables, images[:m], labels[:m], jax.random.fold_in(attacked.key, 3),
+                epsilons=[e / 255 for e in config.accuracy_epsilons], steps=config.pgd_steps,
+                batch_size=config.chunk * 4, bar=bar)}
+        report["accuracy"]["epsilons_255"] = list(config.accuracy_epsilons)
+        report["seconds"]["accuracy"] = round(time.perf_counter() - start, 1)
+        plot_accuracy(out / "accuracy.png", report["accuracy"])
+        save()
+    for part in ("fragility", "sensitivity"):
+        if part not in config.parts:
+            continue
+        start = time.perf_counter()
+        images = config.num_images if part == "fragility" else config.sensitivity_images
+        steps = -(-min(images, n) // config.chunk) * len(config.methods) * (
+            len(config.fragility_epsilons) if part == "fragility" else 1)
+        with tqdm(total=steps, desc=part, disable=config.quiet) as bar:
+            for method in config.methods:
+                report["methods"].setdefault(method, {"label": xv.METHODS[method].label})
+                report["methods"][method][part] = getattr(attacked, part)(method, bar)
+                save()
+        report["seconds"][part] = round(time.perf_counter() - start, 1)
+    if "fragility" in config.parts:
+        plot_fragility(out / "fragility.png", report)
+    if "manipulation" in config.parts:
+        start = time.perf_counter()
+        chunks = -(-min(config.manipulation_images, n) // config.chunk)
+        with tqdm(total=2 * chunks, desc="manipulation", disable=config.quiet) as bar:
+            report["manipulation"], example = attacked.manipulation(bar)
+        report["seconds"]["manipulation"] = round(time.perf_counter() - start, 1)
+        plot_manipulation(out / "manipulation.png", example, report["manipulation"])
+    save()
+    return report
+
+
+def earlier_parts(path, config) -> dict:
+    """The parts this run does not redo, from the card already in the output folder when
+    it is of the same checkpoint, so that parts can run one at a time (on the CPU)."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    if earlier.get("config", {}).get("checkpoint") != config.checkpoint:
+        return {}
+    kept = {part: earlier[part] for part in ("accuracy", "manipulation")
+            if part not in config.parts and part in earlier}
+    methods = {}
+    for method, card in earlier.get("methods", {}).items():
+        card = {k: v for k, v in card.items()
+                if k == "label" or (k in PARTS and k not in config.parts)}
+        if len(card) > 1:
+            methods[method] = card
+    seconds = {k: v for k, v in earlier.get("seconds", {}).items() if k not in config.parts}
+    return {**kept, "methods": methods, "seconds": seconds,
+            "earlier_parts": sorted(set(kept) | {p for c in methods.values() for p in c
+                                                 if p != "label"})}
+
+
+# ----------------------------------------------------------------------------------------
+# The card and its figures.
+
+
+def markdown(report) -> str:
+    c = report["config"]
+    lines = [f"# Robustness card: {c['checkpoint']}", "",
+             f"Device: {report['device']}. Seed {c['seed']}. Seconds per part: "
+             f"{report['seconds']}."
+             + (f" Kept from an earlier run of the same checkpoint: "
+                f"{', '.join(report['earlier_parts'])}." if report.get("earlier_parts") else ""),
+             ""]
+    acc = report.get("accuracy")
+    if acc:
+        lines += [f"## Accuracy under attack (first {acc['num_images']} test records, L∞)", "",
+                  "| ε | " + " | ".join(f"{e:g}/255" for e in acc["epsilons_255"]) + " |",
+                  "| --- |" + " --- |" * len(acc["epsilons_255"]),
+                  "| FGSM | " + " | ".join(f"{100 * a:.1f} %" for a in acc["fgsm"]) + " |",
+                  f"| PGD-{acc['pgd_steps']} | "
+                  + " | ".join(f"{100 * a:.1f} %" for a in acc["pgd"]) + " |", ""]
+    for method, card in report["methods"].items():
+        lines += [f"## {card['label']} (`{method}`)", ""]
+        frag = card.get("fragility")
+        if frag:
+            lines += [f"Fragility (Ghorbani et al.) on {frag['num_images']} images: top-{frag['top_k']} "
+                      "intersection, Spearman ρ of |map| and centre-of-mass shift (px) against "
+                      "the clean map, random ±ε noise / the targeted attack "
+                      f"({frag['attack_steps']} steps, softplus β = {frag['beta']:g}); lower "
+                      "intersection and ρ mean a more fragile map.", "",
+                      "| ε | top-k random | top-k attack | ρ random | ρ attack | shift random "
+                      "| shift attack | class kept (random / attack) | attack < random (p) |",
+                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            for eps, row in frag["by_eps"].items():
+                r, a, t = row["random"], row["attack"], row["attack_vs_random"]
+                lines.append(f"| {eps}/255 | {r['top_k']:.3f} | {a['top_k']:.3f} | "
+                             f"{r['spearman']:.3f} | {a['spearman']:.3f} | "
+                             f"{r['center_shift']:.2f} | {a['center_shift']:.2f} | "
+                             f"{100 * r['kept']:.0f} % / {100 * a['kept']:.0f} % | "
+                             f"{VERDICT.get(t['verdict'], t['verdict'])} ({t['p_value']:.2g}) |")
+            lines.append("")
+        sens = card.get("sensitivity")
+        if sens:
+            lines += [f"Sensitivity in the L∞ ball of radius {sens['radius']:g}, "
+                      f"{sens['num_images']} images, {sens['samples']} draws (mean / median): "
+                      f"max {sens['max']['mean']:.3f} / {sens['max']['median']:.3f}, "
+                      f"average {sens['avg']['mean']:.3f} / {sens['avg']['median']:.3f}, "
+                      f"local Lipschitz {sens['lipschitz']['mean']:.3g} / "
+                      f"{sens['lipschitz']['median']:.3g}, adversarial (PGD) max "
+                      f"{sens['adversarial']['mean']:.3f} / {sens['adversarial']['median']:.3f}"
+                      f" (median {sens['adversarial_over_max']:.2f}× the Monte Carlo max).", ""]
+    man = report.get("manipulation")
+    if man:
+        s, b, t = man["standard"], man["beta_smoothed"], man["beta_smoothed_transfer"]
+        lines += [f"## Manipulation (Dombrowski et al.), {man['method']}", "",
+                  f"{man['num_images']} images, ‖δ‖∞ ≤ {man['eps_255']}/255, "
+                  f"{man['steps']} Adam steps; each image's target is the next image's map. "
+                  "MSE of maps as shares × H·W (mean 1).", "",
+                  "| maps | MSE to target before | after | class kept |",
+                  "| --- | --- | --- | --- |",
+                  f"| standard (ReLU) | {s['mse_before']:.3f} | {s['mse_after']:.3f} | "
+                  f"{100 * s['kept']:.0f} % |",
+                  f"| β-smoothed (β = {man['defence_beta']:g}), attack made for the standard "
+                  f"maps | {t['mse_before']:.3f} | {t['mse_after']:.3f} | |",
+                  f"| β-smoothed, attacked directly | {b['mse_before']:.3f} | "
+                  f"{b['mse_after']:.3f} | {100 * b['kept']:.0f} % |", "",
+                  f"Accuracy on these images: standard {100 * man['standard_accuracy']:.1f} %, "
+                  f"β-smoothed network {100 * man['beta_smoothed_accuracy']:.1f} %.", ""]
+    return "\n".join(lines)
+
+
+VERDICT = {"better": "✓", "worse": "✗", "tie": "="}
+
+
+def _pyplot():
+    import matplotlib  # noqa: PLC0415 - figures only
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    return plt
+
+
+def plot_accuracy(path, acc):
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    eps = acc["epsilons_255"]
+    ax.plot(eps, 100 * np.asarray(acc["fgsm"]), "o-", label="FGSM")
+    ax.plot(eps, 100 * np.asarray(acc["pgd"]), "s-", label=f"PGD-{acc['pgd_steps']}")
+    ax.set(xlabel="ε (/255, L∞)", ylabel="accuracy (%)", ylim=(0, 100),
+           title=f"first {acc['num_images']} test records")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
+def plot_fragility(path, report):
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, measure, label in zip(axes, ("top_k", "spearman", "center_shift"),
+                                  ("top-k intersection", "Spearman ρ", "centre shift (px)")):
+        for i, (method, card) in enumerate(report["methods"].items()):
+            frag = card.get("fragility")
+            if not frag:
+                continue
+            eps = [0] + frag["epsilons_255"]
+            clean = 0.0 if measure == "center_shift" else 1.0
+            for kind, style in (("attack", "-"), ("random", "--")):
+                ax.plot(eps, [clean] + [frag["by_eps"][f"{e:g}"][kind][measure]
+                                        for e in frag["epsilons_255"]],
+                        style, color=f"C{i}", marker="o", ms=3,
+                        label=f"{card['label']} ({kind})")
+        ax.set(xlabel="ε (/255)", title=label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
+def plot_manipulation(path, example, result):
+    plt = _pyplot()
+    delta = np.asarray(example["adversarial"] - example["image"])
+    panels = [("image", np.asarray(example["image"])),
+              ("original map", np.asarray(example["original"])),
+              ("target map", np.asarray(example["target"])),
+              ("manipulated map", np.asarray(example["manipulated"])),
+              ("adversarial image", np.asarray(example["adversarial"])),
+              ("|δ| × 10", np.clip(10 * np.abs(delta), 0, 1))]
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.6))
+    for ax, (title, a) in zip(axes, panels):
+        ax.imshow(a if a.ndim == 3 else np.abs(a), cmap=None if a.ndim == 3 else "hot")
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    fig.suptitle(f"{result['method']}: MSE to target {result['standard']['mse_before']:.2f} "
+                 f"-> {result['standard']['mse_after']:.2f} (mean of {result['num_images']})",
+                 fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------
+# The command line.
+
+
+def parse_args(argv=None) -> RobustnessConfig:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    defaults = RobustnessConfig()
+    cli.add_input_flags(parser, defaults.output_dir)
+    parser.add_argument("--parts", nargs="+", default=defaults.parts, choices=PARTS,
+                        help="default: all")
+    parser.add_argument("--methods", nargs="+", default=defaults.methods,
+                        choices=tuple(xv.METHODS), help="default: %(default)s")
+    parser.add_argument("--manipulation-method", default=defaults.manipulation_method,
+                        choices=adv.GRADIENT_METHODS, help="default: %(default)s")
+    for name in ("accuracy_epsilons", "fragility_epsilons"):
+        parser.add_argument("--" + name.replace("_", "-"), nargs="+", type=_nonnegative,
+                            default=getattr(defaults, name), help="in 1/255 (default: %(default)s)")
+    for name, text in [("accuracy_images", "first test records for the accuracy"),
+                       ("pgd_steps", "PGD steps of the accuracy"),
+                       ("num_images", "first test records for the fragility"),
+                       ("sensitivity_images", "first test records for the sensitivities"),
+                       ("attack_steps", "steps of the attacks on explanations"),
+                       ("top_k", "pixels in the top-k intersection"),
+                       ("manipulation_images", "first test records manipulated"),
+                       ("manipulation_steps", "Adam steps of the manipulation"),
+                       ("sensitivity_samples", "Monte Carlo draws of the sensitivities"),
+                       ("ig_steps", "Integrated Gradients path points"),
+                       ("smoothgrad_samples", "SmoothGrad noisy samples"),
+                       ("chunk", "images per attacked call"),
+                       ("seed", "seeds every random draw")]:
+        parser.add_argument("--" + name.replace("_", "-"),
+                            type=cli.int_at_least(0 if name == "seed" else 1),
+                            default=getattr(defaults, name),
+                            help=f"{text} (default: %(default)s)")
+    for name, text in [("beta", "softplus β of the attacks' surrogate network"),
+                       ("defence_beta", "softplus β of the β-smoothing defence"),
+                       ("sensitivity_radius", "L∞ radius of the sensitivities")]:
+        parser.add_argument("--" + name.replace("_", "-"), type=_positive,
+                            default=getattr(defaults, name),
+                            help=f"{text} (default: %(default)s)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    args = vars(parser.parse_args(argv))
+    for name in ("parts", "methods", "accuracy_epsilons", "fragility_epsilons"):
+        args[name] = tuple(dict.fromkeys(args[name]))
+    return RobustnessConfig(**args)
+
+
+def _number(text, *, positive):
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not np.isfinite(value) or value < 0 or (positive and value == 0):
+        raise argparse.ArgumentTypeError(
+            f"must be a {'positive' if positive else 'non-negative'} number, got {text!r}")
+    return value
+
+
+def _positive(text):
+    return _number(text, positive=True)
+
+
+def _nonnegative(text):
+    return _number(text, positive=False)
+
+
+@cli.entry_point
+def main(argv=None):
+    config = parse_args(argv)
+    cli.check_writable(config.output_dir, "--output-dir", folder=True)
+    report = run(config)
+    if not config.quiet:
+        print(markdown(report))
+        print(f"wrote {config.output_dir}/robustness.json, robustness.md and the figures")
+
+
+if __name__ == "__main__":
+    main()
