@@ -14,6 +14,8 @@ raw heatmap with its colour bar, next to
   - the method's sanity checks from the evaluation of this checkpoint
     (`evaluate_xai.py`: cascading randomisation, and faithfulness over 1,000 images);
   - the time it took.
+The sidebar's attack panel adds a PGD adversarial image within ε, its prediction, and
+each map of it beside the clean one, with how far the map moved (`adversarial.py`).
 
 The checkpoint is `$XAI_CHECKPOINT`, else the shipped pretrained one; the data is
 `$CIFAR10_DIR` (both can be changed in the sidebar). The model, the data
@@ -262,6 +264,12 @@ def main():
                                  format_func=lambda method: METHODS[method].label,
                                  help="the methods that can explain this model")
         target_name = st.selectbox("Target class", ("predicted",) + CLASS_NAMES, key="target")
+        st.header("Attack")
+        attack = st.checkbox("Attack the image (PGD, L∞)", key="attack",
+                             help="an adversarial image within ε of this one, its "
+                                  "prediction and its maps beside the clean ones")
+        eps = st.slider("ε (/255)", 1, 16, 8, key="eps", disabled=not attack)
+        steps = st.slider("PGD steps", 1, 40, 10, key="steps", disabled=not attack)
     st.caption(f"Explaining {describe_model(checkpoint, _mtime(checkpoint))}.")
 
     source = st.radio("Image", ("Test set", "Upload"), horizontal=True)
@@ -280,6 +288,9 @@ def main():
         return
     for method in methods:
         show_method(st, checkpoint, method, image, target, pred)
+    if attack:
+        show_attack(st, checkpoint, methods, image, pred if label is None else label,
+                    eps, steps)
 
 
 def _pretrained():
@@ -498,6 +509,65 @@ def show_method(st, checkpoint, method, image, target, pred):
         f"p({CLASS_NAMES[target]}) = {score:.1%}",
     ]
     right.markdown("\n".join(f"- {line}" for line in lines))
+
+
+@_cache
+def attack_fn(checkpoint, mtime, steps):
+    """PGD (L∞, no random start: the same image gives the same attack) as
+    (image, label, ε) -> adversarial image."""
+    import jax
+    import jax.numpy as jnp
+
+    from adversarial import pgd
+    model, variables = load_model(checkpoint, mtime)
+
+    def fn(image, label, eps):
+        return pgd(model, variables, image[None], jnp.asarray([label]), None, eps=eps,
+                   step_size=2.5 * eps / steps, steps=steps, random_init=False)[0]
+
+    return jax.jit(fn)
+
+
+def show_attack(st, checkpoint, methods, image, label, eps, steps):
+    """The adversarial image, its prediction, and each method's maps of the clean and the
+    adversarial image for the clean prediction, with how far the map moved."""
+    import jax.numpy as jnp
+
+    from adversarial import map_changes
+    from xai_visualizations import METHODS, normalize_maps, overlay
+
+    mtime = _mtime(checkpoint)
+    adversarial = np.asarray(attack_fn(checkpoint, mtime, steps)(image, label, eps / 255))
+    probs = predict(checkpoint, mtime, np.stack([image, adversarial]))
+    pred, moved = int(np.argmax(probs[0])), int(np.argmax(probs[1]))
+    st.header(f"Under attack: PGD-{steps}, ε = {eps}/255")
+    columns = st.columns(3)
+    delta = np.clip(10 * np.abs(adversarial - image), 0, 1)
+    for column, picture, caption in zip(columns, (image, adversarial, delta),
+                                        ("clean", "adversarial", "|δ| × 10")):
+        big = np.repeat(np.repeat(picture, DISPLAY_SCALE, 0), DISPLAY_SCALE, 1)
+        column.image(big, caption=caption, clamp=True)
+    st.markdown(f"Adversarial prediction: **{CLASS_NAMES[moved]}** ({probs[1][moved]:.1%}); "
+                f"clean: {CLASS_NAMES[pred]} ({probs[0][pred]:.1%})"
+                + (" — **the attack changed the class**" if moved != pred else ""))
+    _, variables = load_model(checkpoint, mtime)
+    params, stats = variables["params"], variables.get("batch_stats")
+    for method in methods:
+        explain = explainer(checkpoint, mtime, method)
+        raws = [explain.explain(params, stats, x, pred, normalize=False)[0]
+                for x in (image, adversarial)]
+        changes = map_changes(jnp.asarray(raws[0])[None], jnp.asarray(raws[1])[None], 100)
+        label_text = METHODS[method].label
+        st.subheader(f"{label_text}, clean and adversarial — {CLASS_NAMES[pred]}")
+        left, right, notes = st.columns([1, 1, 1])
+        for column, x, raw, caption in zip((left, right), (image, adversarial), raws,
+                                           ("clean", "adversarial")):
+            shown = overlay(x, np.asarray(normalize_maps(raw)))
+            column.image(np.repeat(np.repeat(np.asarray(shown), 4, 0), 4, 1),
+                         caption=caption, clamp=True)
+        notes.markdown(f"- top-100 pixels kept: **{float(changes['top_k'][0]):.0%}**\n"
+                       f"- Spearman ρ of |map|: **{float(changes['spearman'][0]):.3f}**\n"
+                       f"- centre of mass moved: **{float(changes['center_shift'][0]):.1f} px**")
 
 
 if __name__ == "__main__":

@@ -111,6 +111,29 @@ def test_explainers_and_target_class_are_chosen_in_the_sidebar(page, checkpoint,
     assert "Choose one or more explainers" in page.info[0].value
 
 
+def test_the_attack_panel_shows_the_adversarial_image_and_its_maps(page, checkpoint, data):  # noqa: F811
+    import adversarial
+
+    page.sidebar.multiselect[0].set_value(["saliency"]).run()
+    page.sidebar.checkbox(key="attack").check().run()
+    page.sidebar.slider(key="steps").set_value(3).run()
+    assert not page.exception and not page.error
+    assert [h.value for h in page.main.header] == ["Under attack: PGD-3, ε = 8/255"]
+    model, variables = tc.load_checkpoint(checkpoint)
+    image = data.test_images[0] / np.float32(255)
+    label = int(data.test_labels[0])
+    found = adversarial.pgd(model, variables, image[None], np.array([label]), None,
+                            eps=8 / 255, step_size=2.5 * 8 / 255 / 3, steps=3,
+                            random_init=False)
+    probs = np.asarray(jax.nn.softmax(model.apply(variables, found)))[0]
+    moved = int(probs.argmax())
+    assert f"Adversarial prediction: **{CLASS_NAMES[moved]}** ({probs[moved]:.1%})" in _text(page)
+    pred = int(_probabilities(checkpoint, data.test_images[0]).argmax())
+    assert page.subheader[-1].value == f"Saliency, clean and adversarial — {CLASS_NAMES[pred]}"
+    assert "top-100 pixels kept" in _text(page)
+    assert len(page.get("image")) == 1 + 1 + 3 + 2  # image, figure, attack row, two maps
+
+
 def test_a_bad_checkpoint_or_data_folder_is_a_message_not_a_crash(page, checkpoint, tmp_path,  # noqa: F811
                                                                   monkeypatch):
     page.sidebar.text_input[0].input(str(tmp_path / "missing.pkl")).run()
