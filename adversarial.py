@@ -55,6 +55,15 @@ def _check_budget(eps, steps=None, step_size=None):
         check_number("step_size", step_size)
 
 
+def _check_batch(images, labels):
+    """Static checks only (shapes and dtypes), so the attacks still trace under jit."""
+    if getattr(images, "ndim", None) != 4:
+        given = (f"shape {tuple(images.shape)}" if hasattr(images, "shape")
+                 else type(images).__name__)
+        raise ValueError(f"images must be a batch (N, H, W, C), got {given}")
+    return _check_labels(labels, images.shape[0])
+
+
 def _check_labels(labels, n, name="labels"):
     labels = jnp.asarray(labels)
     if labels.shape != (n,) or not jnp.issubdtype(labels.dtype, jnp.integer):
@@ -107,6 +116,7 @@ def _ascend(x, grads, step_size, norm):
 
 def fgsm(model, variables, images, labels, *, eps, apply_kwargs=None):
     """FGSM (Goodfellow et al. 2015): x + ε · sign(∇ₓ CE(f(x), y)), clipped to [0, 1]."""
+    labels = _check_batch(images, labels)
     f = forward(model, variables, apply_kwargs)
     return jnp.clip(images + eps * jnp.sign(_loss_gradients(f, images, labels)), 0.0, 1.0)
 
@@ -135,6 +145,11 @@ def pgd(model, variables, images, labels, key, *, eps, step_size, steps, norm="l
         The adversarial images, (N, H, W, C) in [0, 1].
     """
     _check_norm(norm)
+    check_int("steps", steps, 0)
+    labels = _check_batch(images, labels)
+    if random_init and key is None:
+        raise ValueError("key must be a jax.random.key for PGD's random start, got None "
+                         "(or pass random_init=False)")
     kwargs = tuple(sorted(dict(apply_kwargs or {}).items()))
     x = images
     images = images if center is None else center

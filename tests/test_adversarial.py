@@ -105,6 +105,10 @@ def test_bad_attack_arguments_are_named(linear):
         adv.robust_accuracy(f, None, images, labels[:2], jax.random.key(0), epsilons=[0.1])
     with pytest.raises(ValueError, match="eps"):
         adv.robust_accuracy(f, None, images, labels, jax.random.key(0), epsilons=[-0.1])
+    with pytest.raises(ValueError, match=r"images must be a batch \(N, H, W, C\), got shape"):
+        adv.fgsm(f, None, images[0], labels, eps=0.1)
+    with pytest.raises(ValueError, match="key must be a jax.random.key"):
+        adv.pgd(f, None, images, labels, None, eps=0.1, step_size=0.1, steps=1)
     with pytest.raises(ValueError, match="beta .* gradient methods"):
         adv.explanation("occlusion", f, None, beta=10.0)
 
