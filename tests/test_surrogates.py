@@ -145,3 +145,15 @@ def test_lime_weights_are_limes_kernel_on_cosine_distance():
     # an absent segment counts for nothing
     np.testing.assert_allclose(xs.lime_weights(jnp.array([[1, 1, 0, 1]], jnp.float32),
                                                jnp.array([1, 1, 0, 0.])), [1.0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lime", "kernel_shap"])
+def test_an_image_alone_gets_the_map_it_gets_in_a_batch(method, squashed, threefry):
+    """The coalitions and patterns depend on the key only, never on the image's place in
+    the batch (KernelSHAP's once did, through fold_in(key, index)). Under threefry, as
+    the tests' rbg generator can draw the same bits for every key of a vmap."""
+    _, variables, x = squashed
+    batch = EXPLAIN[method](variables, x[::-1], jax.random.key(0)).maps  # image 0 second
+    alone = EXPLAIN[method](variables, x[:1], jax.random.key(0)).maps
+    assert float(jnp.max(jnp.abs(alone))) > 1e-3
+    np.testing.assert_allclose(alone[0], batch[1], rtol=1e-5, atol=1e-6)
