@@ -137,12 +137,14 @@ def _to_rgb(img, notes):
 # Evidence that does not depend on Streamlit.
 
 
-def sanity_status(checkpoint, method):
+def sanity_status(checkpoint, method, options=()):
     """The method's card from an evaluation of this checkpoint, or None.
 
     Looks at `make evaluate`'s output, then the shipped evaluation of the pretrained
-    checkpoint; a report counts only when it evaluated the same file.
+    checkpoint; a report counts only when it evaluated the same file (and, for LRP, the
+    same composite; `options` as (name, value) pairs).
     """
+    composite = dict(options).get("composite", "epsilon_gamma_box")
     target = Path(checkpoint).resolve()
     for path in evaluation_reports():
         if not path.is_file():
@@ -151,6 +153,10 @@ def sanity_status(checkpoint, method):
         evaluated = Path(report.get("config", {}).get("checkpoint") or "")
         candidates = {evaluated.resolve(), (ROOT / evaluated).resolve()}
         card = report.get("methods", {}).get(method)
+        evaluated_composite = report.get("config", {}).get("lrp_composite",
+                                                           "epsilon_gamma_box")
+        if method == "lrp" and evaluated_composite != composite:
+            continue
         if card and target in candidates:
             return {"report": path, "num_images": report["num_images"],
                     "random": report["random_reference"], **card}
@@ -264,6 +270,12 @@ def main():
                                  format_func=lambda method: METHODS[method].label,
                                  help="the methods that can explain this model")
         target_name = st.selectbox("Target class", ("predicted",) + CLASS_NAMES, key="target")
+        options = {}
+        if "lrp" in methods:
+            from xai_lrp import COMPOSITES
+            options["lrp"] = {"composite": st.selectbox(
+                "LRP composite", tuple(COMPOSITES), key="composite",
+                help="the rule for each layer (docs/api.md#lrp-with-composites-on-any-flax-network)")}
         st.header("Attack")
         attack = st.checkbox("Attack the image (PGD, L∞)", key="attack",
                              help="an adversarial image within ε of this one, its "
@@ -287,10 +299,10 @@ def main():
         st.info("Choose one or more explainers in the sidebar.")
         return
     for method in methods:
-        show_method(st, checkpoint, method, image, target, pred)
+        show_method(st, checkpoint, method, image, target, pred, options.get(method, {}))
     if attack:
         show_attack(st, checkpoint, methods, image, pred if label is None else label,
-                    eps, steps)
+                    eps, steps, options)
 
 
 def _pretrained():
@@ -385,10 +397,11 @@ def supported_methods(checkpoint, mtime):
 
 
 @_cache
-def explainer(checkpoint, mtime, method):
+def explainer(checkpoint, mtime, method, options=()):
+    """The method's `Explainer`; `options` as sorted (name, value) pairs."""
     from xai_visualizations import Explainer
     model, _ = load_model(checkpoint, mtime)
-    return Explainer(model, method)
+    return Explainer(model, method, **dict(options))
 
 
 @_cache
@@ -476,24 +489,25 @@ def show_prediction(st, image_u8, probs, pred, label, record):
     right.markdown("Top 3: " + ", ".join(f"{name} {p:.1%}" for name, p in top_k(probs)))
 
 
-def show_method(st, checkpoint, method, image, target, pred):
+def show_method(st, checkpoint, method, image, target, pred, options=None):
     from xai_visualizations import METHODS, normalize_maps
 
     mtime = _mtime(checkpoint)
     _, variables = load_model(checkpoint, mtime)
-    explain = explainer(checkpoint, mtime, method)
+    chosen = tuple(sorted((options or {}).items()))
+    explain = explainer(checkpoint, mtime, method, chosen)
     params, stats = variables["params"], variables.get("batch_stats")
     compiled = _compiled_explainers(checkpoint, mtime)  # the page's own bookkeeping
-    compiling = method not in compiled
+    compiling = (method, chosen) not in compiled
     start = time.perf_counter()
     raw, _, score = explain.explain(params, stats, image, target, normalize=False)
     seconds = time.perf_counter() - start
-    compiled.add(method)
+    compiled.add((method, chosen))
     heatmap = np.asarray(normalize_maps(raw))
     random_map = np.random.default_rng(0).uniform(size=raw.shape).astype(np.float32)
     evidence = {k: np.asarray(v) for k, v in evidence_fn(checkpoint, mtime)(
         image, np.stack([raw, random_map]), target).items()}
-    label = METHODS[method].label
+    label = METHODS[method].label + "".join(f" ({v})" for _, v in chosen)
     st.subheader(f"{label} — {CLASS_NAMES[target]}"
                  + ("" if target == pred else " (not the predicted class)"))
     left, right = st.columns([2, 1])
@@ -503,7 +517,7 @@ def show_method(st, checkpoint, method, image, target, pred):
         *(f"{name} on this image: **{evidence[key][0]:.3f}** (random map "
           f"{evidence[key][1]:.3f}; {better} is better)"
           for key, name, better in EVIDENCE),
-        *describe_sanity(sanity_status(checkpoint, method)),
+        *describe_sanity(sanity_status(checkpoint, method, chosen)),
         f"Time: {seconds * 1000:,.0f} ms" + (", including compilation (its first call)"
                                               if compiling else ""),
         f"p({CLASS_NAMES[target]}) = {score:.1%}",
@@ -528,7 +542,7 @@ def attack_fn(checkpoint, mtime, steps):
     return jax.jit(fn)
 
 
-def show_attack(st, checkpoint, methods, image, label, eps, steps):
+def show_attack(st, checkpoint, methods, image, label, eps, steps, options=None):
     """The adversarial image, its prediction, and each method's maps of the clean and the
     adversarial image for the clean prediction, with how far the map moved."""
     import jax.numpy as jnp
@@ -553,7 +567,8 @@ def show_attack(st, checkpoint, methods, image, label, eps, steps):
     _, variables = load_model(checkpoint, mtime)
     params, stats = variables["params"], variables.get("batch_stats")
     for method in methods:
-        explain = explainer(checkpoint, mtime, method)
+        explain = explainer(checkpoint, mtime, method,
+                            tuple(sorted((options or {}).get(method, {}).items())))
         raws = [explain.explain(params, stats, x, pred, normalize=False)[0]
                 for x in (image, adversarial)]
         changes = map_changes(jnp.asarray(raws[0])[None], jnp.asarray(raws[1])[None], 100)
