@@ -284,11 +284,13 @@ def earlier_parts(path, config) -> dict:
             if part not in config.parts and part in earlier}
     methods = {}
     for method, card in earlier.get("methods", {}).items():
+        redone = config.parts if method in config.methods else ()
         card = {k: v for k, v in card.items()
-                if k == "label" or (k in PARTS and k not in config.parts)}
+                if k == "label" or (k in PARTS and k not in redone)}
         if len(card) > 1:
             methods[method] = card
     seconds = {k: v for k, v in earlier.get("seconds", {}).items() if k not in config.parts}
+    # (a part run again for other methods reports its latest run's seconds)
     return {**kept, "methods": methods, "seconds": seconds,
             "earlier_parts": sorted(set(kept) | {p for c in methods.values() for p in c
                                                  if p != "label"})}

@@ -62,11 +62,13 @@ def segment_numpy(images, segmentation="slic", n_segments=64, compactness=10.0):
 
 
 def segment(images, segmentation="slic", n_segments=64, compactness=10.0):
-    """`segment_numpy` as a host callback: usable inside jit."""
+    """`segment_numpy` as a host callback: usable inside jit. The segments are piecewise
+    constant in the images, so they pass no gradient: LIME and KernelSHAP differentiate
+    (as the attacks on explanations need) through their perturbed forward passes only."""
     fn = functools.partial(segment_numpy, segmentation=segmentation, n_segments=n_segments,
                            compactness=compactness)
-    return jax.pure_callback(fn, jax.ShapeDtypeStruct(images.shape[:3], jnp.int32), images,
-                             vmap_method="sequential")
+    return jax.pure_callback(fn, jax.ShapeDtypeStruct(images.shape[:3], jnp.int32),
+                             jax.lax.stop_gradient(images), vmap_method="sequential")
 
 
 def perturbed(image, segs, filled, z):

@@ -2,6 +2,8 @@
 keys, closed-form sensitivities, and the attacks doing what they claim on a small ReLU
 network."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -217,6 +219,15 @@ def test_fragility_attack_beats_random_noise_and_keeps_the_class(relu_net):
     np.testing.assert_allclose(again["top_k"], attack.changes["top_k"])
 
 
+def test_lime_can_be_attacked_through_its_forward_passes(relu_net):
+    """Its segments pass no gradient (piecewise constant), its perturbed passes do."""
+    model, variables, images, targets = relu_net
+    h = adv.explanation("lime", model, variables, key=jax.random.key(7), n_samples=16,
+                        n_segments=4)
+    grads = jax.grad(lambda x: jnp.sum(h(x, targets[:2]) ** 2))(images[:2])
+    assert bool(jnp.all(jnp.isfinite(grads))) and float(jnp.max(jnp.abs(grads))) > 0
+
+
 def test_map_changes_by_hand():
     a = jnp.zeros((1, 4, 4)).at[0, 0, 0].set(3.0).at[0, 0, 1].set(2.0)
     b = jnp.zeros((1, 4, 4)).at[0, 0, 0].set(-1.0).at[0, 3, 3].set(5.0)
@@ -301,6 +312,15 @@ def test_robustness_card_from_a_tiny_run(tiny_model, tiny_variables, tmp_path):
     assert set(saliency["fragility"]["by_eps"]["8"]) == {"random", "attack", "attack_vs_random"}
     card = (tmp_path / "robustness.md").read_text()
     assert "PGD-2" in card and "Manipulation" in card and "Saliency" in card
+    # One more part for another method, into the same folder: the rest is kept.
+    again = rx.run(dataclasses.replace(config, parts=("sensitivity",),
+                                       methods=("grad_x_input",)),
+                   tiny_model, tiny_variables, data)
+    assert again["accuracy"] == report["accuracy"]
+    assert again["manipulation"] == report["manipulation"]
+    assert again["methods"]["saliency"] == report["methods"]["saliency"]
+    assert set(again["methods"]["grad_x_input"]) == {"label", "sensitivity"}
+    assert "Kept from an earlier run" in (tmp_path / "robustness.md").read_text()
 
 
 @pytest.mark.parametrize("argv, message", [
