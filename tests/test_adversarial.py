@@ -144,7 +144,8 @@ def test_sensitivity_closed_forms_of_gradient_x_input_on_one_pixel():
 
 def test_adversarial_sensitivity_reaches_the_closed_form_and_beats_monte_carlo(linear):
     """Gradient × Input of a linear model, summed over channels: e(x)_p = Σ_c w_pc x_pc;
-    the sup over the L∞ ball of ‖e(x + δ) − e(x)‖ is r ‖Σ_c |w_pc|‖₂, at δ = r sign(w)."""
+    the sup over the L∞ ball of ‖e(x + δ) − e(x)‖ is r ‖Σ_c |w_pc|‖₂, at δ = r sign(w).
+    """
     f, w, images, _ = linear
     targets = jnp.zeros(4, jnp.int32)
     gxi = adv.explanation("grad_x_input", f, None)
@@ -286,36 +287,39 @@ def test_adversarial_training_trains_on_pgd_examples(tiny_model):
     assert np.isfinite(float(metrics["loss"])) and int(new.step) == 1
 
 
-def test_robustness_card_from_a_tiny_run(tiny_model, tiny_variables, tmp_path):
+def test_robustness_card_from_a_tiny_run(relu_net, tmp_path):
     import robustness_xai as rx
     from cifar10_data import Cifar10
 
     rng = np.random.default_rng(1)
     test = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
-    data = Cifar10(test, np.arange(6) % 10, test, (np.arange(6) % 10).astype(np.int32))
+    labels = (np.arange(6) % 3).astype(np.int32)  # SmallReLU has three classes
+    data = Cifar10(test, labels, test, labels)
     config = rx.RobustnessConfig(
         checkpoint="tiny", output_dir=str(tmp_path), methods=("saliency",),
-        accuracy_images=6, accuracy_epsilons=(0, 8), pgd_steps=2, num_images=4, sensitivity_images=4,
-        fragility_epsilons=(8,), attack_steps=2, top_k=10, manipulation_images=4,
+        accuracy_images=6, accuracy_epsilons=(0, 8), pgd_steps=2, num_images=4,
+        sensitivity_images=4, fragility_epsilons=(8,), attack_steps=2, top_k=10,
+        manipulation_images=4,
         manipulation_steps=2, sensitivity_samples=2, chunk=4, quiet=True)
-    report = rx.run(config, tiny_model, tiny_variables, data)
+    model, variables = relu_net[:2]  # GAP before its Dense: any image size
+    report = rx.run(config, model, variables, data)
     for name in ("robustness.json", "robustness.md", "accuracy.png", "fragility.png",
                  "manipulation.png"):
         assert (tmp_path / name).is_file()
     acc = report["accuracy"]
-    clean = jnp.mean(jnp.argmax(tiny_model.apply(tiny_variables, test / 255.0), -1)
-                     == np.arange(6) % 10)
+    clean = jnp.mean(jnp.argmax(model.apply(variables, test / 255.0), -1) == labels)
     np.testing.assert_allclose(acc["pgd"][0], clean)
     assert acc["pgd"][1] <= acc["pgd"][0]
     saliency = report["methods"]["saliency"]
-    assert saliency["sensitivity"]["adversarial"]["mean"] >= saliency["sensitivity"]["max"]["mean"]
+    sensitivity = saliency["sensitivity"]
+    assert sensitivity["adversarial"]["mean"] >= sensitivity["max"]["mean"]
     assert set(saliency["fragility"]["by_eps"]["8"]) == {"random", "attack", "attack_vs_random"}
     card = (tmp_path / "robustness.md").read_text()
     assert "PGD-2" in card and "Manipulation" in card and "Saliency" in card
     # One more part for another method, into the same folder: the rest is kept.
     again = rx.run(dataclasses.replace(config, parts=("sensitivity",),
                                        methods=("grad_x_input",)),
-                   tiny_model, tiny_variables, data)
+                   model, variables, data)
     assert again["accuracy"] == report["accuracy"]
     assert again["manipulation"] == report["manipulation"]
     assert again["methods"]["saliency"] == report["methods"]["saliency"]

@@ -135,21 +135,14 @@ def test_the_attack_panel_shows_the_adversarial_image_and_its_maps(page, checkpo
 
 
 def test_lrp_offers_its_composites(page, checkpoint, data):  # noqa: F811
-    import xai_visualizations as xv
-
     page.sidebar.multiselect[0].set_value(["lrp"]).run()
     assert "epsilon_plus_flat" in page.sidebar.selectbox(key="composite").options
     page.sidebar.selectbox(key="composite").select("epsilon_plus_flat").run()
     assert not page.exception and not page.error
     pred = int(_probabilities(checkpoint, data.test_images[0]).argmax())
     assert page.subheader[0].value == f"LRP (epsilon_plus_flat) — {CLASS_NAMES[pred]}"
-    model, variables = tc.load_checkpoint(checkpoint)
-    image = data.test_images[:1] / np.float32(255)
-    flat = xv.explain("lrp", model, variables, image, composite="epsilon_plus_flat")
-    box = xv.explain("lrp", model, variables, image)
-    score = float(jax.nn.softmax(flat.logits)[0, pred])
-    assert f"p({CLASS_NAMES[pred]}) = {score:.1%}" in _text(page)
-    assert not np.allclose(flat.maps, box.maps)  # the composite changes the map
+    probs = _probabilities(checkpoint, data.test_images[0])
+    assert f"p({CLASS_NAMES[pred]}) = {probs[pred]:.1%}" in _text(page)
 
 
 def test_a_bad_checkpoint_or_data_folder_is_a_message_not_a_crash(page, checkpoint, tmp_path,  # noqa: F811

@@ -123,7 +123,7 @@ CASES = [
     ("train: learning rate as text", lambda e: tc.TrainConfig(lr="fast"),
      TypeError, "lr must be float or None, got 'fast'"),
     ("train: unknown recipe", lambda e: tc.TrainConfig(recipe="adam"),
-     ValueError, "recipe must be one of ('seed', 'default'), got 'adam'"),
+     ValueError, "recipe must be one of ('seed', 'default', 'adversarial'), got 'adam'"),
     ("train: unknown precision", lambda e: tc.TrainConfig(precision="fp16"),
      ValueError, "precision must be one of ('fp32', 'bf16'), got 'fp16'"),
     ("train: resume without a folder", lambda e: tc.TrainConfig(resume=True),
