@@ -151,12 +151,12 @@ def pgd(model, variables, images, labels, key, *, eps, step_size, steps, norm="l
         raise ValueError("key must be a jax.random.key for PGD's random start, got None "
                          "(or pass random_init=False)")
     kwargs = tuple(sorted(dict(apply_kwargs or {}).items()))
+    center = images if center is None else center
     x = images
-    images = images if center is None else center
     if random_init:
-        x = jnp.clip(images + random_start(key, images.shape[1:], eps, norm)[None], 0.0, 1.0)
+        x = jnp.clip(center + random_start(key, center.shape[1:], eps, norm)[None], 0.0, 1.0)
     for _ in range(steps):
-        x = _pgd_step(variables, x, images, labels, eps, step_size, model=model,
+        x = _pgd_step(variables, x, center, labels, eps, step_size, model=model,
                       apply_kwargs=kwargs, norm=norm)
     return x
 
@@ -294,25 +294,27 @@ def _predict(model, variables, apply_kwargs):
     return lambda x: jnp.argmax(f(x), axis=-1)
 
 
-def random_sign(h, predict, images, targets, key, *, eps, k=100) -> Perturbed:
+def random_sign(h, predict, images, targets, key, *, eps, k=100, clean=None) -> Perturbed:
     """Ghorbani et al.'s random baseline: x + ε · s, s uniform in {−1, +1} per pixel and
     channel (one draw for every image), clipped to [0, 1]. An image whose class changes is
     kept clean, as the attack does.
 
     Args:
         h: `explanation(...)` of the real network; predict: images -> classes (N,).
+        clean: h(images, targets) when the caller has it already.
     """
     _check_budget(eps)
+    clean = h(images, targets) if clean is None else clean
     sign = jnp.where(jax.random.bernoulli(key, 0.5, images.shape[1:]), 1.0, -1.0)
     moved = jnp.clip(images + eps * sign[None], 0.0, 1.0)
     kept = predict(moved) == targets
     moved = jnp.where(kept[:, None, None, None], moved, images)
     maps = h(moved, targets)
-    return Perturbed(moved, maps, kept, map_changes(h(images, targets), maps, k))
+    return Perturbed(moved, maps, kept, map_changes(clean, maps, k))
 
 
 def fragility_attack(h, surrogate, predict, images, targets, *, eps, steps=10,
-                     step_size=None, k=100, objective="top_k") -> Perturbed:
+                     step_size=None, k=100, objective="top_k", clean=None) -> Perturbed:
     """The fragility attack of Ghorbani et al. (AAAI 2019) on one explanation method.
 
     Signed steps descend the share of the surrogate's map on the clean map's top-k pixels
@@ -327,6 +329,7 @@ def fragility_attack(h, surrogate, predict, images, targets, *, eps, steps=10,
             `beta`, differentiable; predict: images -> classes (N,).
         targets: the predicted classes of the clean images.
         step_size: None is 2.5 ε / steps.
+        clean: h(images, targets) when the caller has it already.
 
     Returns:
         Perturbed.
@@ -336,24 +339,25 @@ def fragility_attack(h, surrogate, predict, images, targets, *, eps, steps=10,
     if objective not in ("top_k", "center"):
         raise ValueError(f"objective must be 'top_k' or 'center', got {objective!r}")
     step_size = 2.5 * eps / steps if step_size is None else step_size
-    clean = h(images, targets)
+    clean = h(images, targets) if clean is None else clean
+    mask, centre = top_k_mask(clean, k), center_of_mass(clean)
     x, best = images, images
-    best_score = jnp.full(images.shape[:1], jnp.inf)
+    best_score = jnp.full(images.shape[:1], jnp.inf, jnp.float32)  # not weak: one trace
     for _ in range(steps):
         x, best, best_score = _fragility_step(x, best, best_score, images, targets, clean,
-                                              eps, step_size, h=h, surrogate=surrogate,
-                                              predict=predict, k=k, objective=objective)
+                                              mask, centre, eps, step_size, h=h,
+                                              surrogate=surrogate, predict=predict, k=k,
+                                              objective=objective)
     maps = h(best, targets)
     return Perturbed(best, maps, predict(best) == targets, map_changes(clean, maps, k))
 
 
 @functools.partial(jax.jit, static_argnames=("h", "surrogate", "predict", "k", "objective"))
-def _fragility_step(x, best, best_score, images, targets, clean, eps, step_size, *, h,
-                    surrogate, predict, k, objective):
-    """One step of `fragility_attack`; the clean maps are an argument, not a constant
-    (XLA would fold their top-k sort into the program, for seconds)."""
-    mask, centre = top_k_mask(clean, k), center_of_mass(clean)
-
+def _fragility_step(x, best, best_score, images, targets, clean, mask, centre, eps,
+                    step_size, *, h, surrogate, predict, k, objective):
+    """One step of `fragility_attack`. Every array is an argument, none a constant: XLA
+    would fold a constant's top-k sort into the program, for seconds, and recompile for
+    each batch."""
     def loss(x):
         p = shares(surrogate(x, targets))
         if objective == "top_k":
@@ -403,26 +407,36 @@ def manipulate(h, surrogate, logits_fn, images, targets, target_maps, *, eps=8 /
     _check_budget(eps, steps, learning_rate)
     check_number("gamma", gamma)
     clean_probs = jax.nn.softmax(logits_fn(images))
-    optimiser = optax.adam(learning_rate)
+    optimiser = _adam(learning_rate)
+    x, state = images, optimiser.init(images)
+    for _ in range(steps):
+        x, state = _manipulation_step(x, state, images, targets, target_maps, clean_probs,
+                                      eps, gamma, surrogate=surrogate, logits_fn=logits_fn,
+                                      optimiser=optimiser)
+    maps = h(x, targets)
+    kept = jnp.argmax(logits_fn(x), axis=-1) == targets
+    return Manipulation(x, maps, kept, map_mse(h(images, targets), target_maps),
+                        map_mse(maps, target_maps))
 
+
+@functools.lru_cache(maxsize=None)
+def _adam(learning_rate):
+    """One optimiser object per rate, so that `_manipulation_step` compiles once for it."""
+    return optax.adam(learning_rate)
+
+
+@functools.partial(jax.jit, static_argnames=("surrogate", "logits_fn", "optimiser"))
+def _manipulation_step(x, state, images, targets, target_maps, clean_probs, eps, gamma, *,
+                       surrogate, logits_fn, optimiser):
+    """One Adam step of `manipulate`, projected; the arrays are arguments, not constants."""
     def loss(x):
         probs = jax.nn.softmax(logits_fn(x))
         return jnp.sum(map_mse(surrogate(x, targets), target_maps)
                        + gamma * jnp.sum((probs - clean_probs) ** 2, axis=-1))
 
-    @jax.jit
-    def step(x, state):
-        updates, state = optimiser.update(jax.grad(loss)(x), state)
-        x = optax.apply_updates(x, updates)
-        return jnp.clip(images + project(x - images, eps), 0.0, 1.0), state
-
-    x, state = images, optimiser.init(images)
-    for _ in range(steps):
-        x, state = step(x, state)
-    maps = h(x, targets)
-    kept = jnp.argmax(logits_fn(x), axis=-1) == targets
-    return Manipulation(x, maps, kept, map_mse(h(images, targets), target_maps),
-                        map_mse(maps, target_maps))
+    updates, state = optimiser.update(jax.grad(loss)(x), state)
+    x = optax.apply_updates(x, updates)
+    return jnp.clip(images + project(x - images, eps), 0.0, 1.0), state
 
 
 def adversarial_sensitivity(explain_fn, surrogate, images, targets, key, *, radius=0.02,
@@ -442,21 +456,25 @@ def adversarial_sensitivity(explain_fn, surrogate, images, targets, key, *, radi
     base = explain_fn(images, targets)
     base_norm = jnp.linalg.norm(base.reshape(len(base), -1), axis=-1)
     base_norm = jnp.where(base_norm > 0, base_norm, 1.0)
+    delta, best = mc.worst, mc.max
+    for _ in range(steps):
+        delta, best = _sensitivity_step(delta, best, images, targets, base, base_norm,
+                                        radius, step_size, explain_fn=explain_fn,
+                                        surrogate=surrogate)
+    return best, mc
 
+
+@functools.partial(jax.jit, static_argnames=("explain_fn", "surrogate"))
+def _sensitivity_step(delta, best, images, targets, base, base_norm, radius, step_size, *,
+                      explain_fn, surrogate):
+    """One step of `adversarial_sensitivity`; the arrays are arguments, not constants."""
     def ratio(fn, delta):
         moved = fn(images + delta, targets) - base
         return jnp.linalg.norm(moved.reshape(len(moved), -1), axis=-1) / base_norm
 
-    @jax.jit
-    def step(delta, best):
-        grads = jax.grad(lambda d: jnp.sum(ratio(surrogate, d)))(delta)
-        delta = project(delta + step_size * jnp.sign(grads), radius)
-        return delta, jnp.maximum(best, ratio(explain_fn, delta))
-
-    delta, best = mc.worst, mc.max
-    for _ in range(steps):
-        delta, best = step(delta, best)
-    return best, mc
+    grads = jax.grad(lambda d: jnp.sum(ratio(surrogate, d)))(delta)
+    delta = project(delta + step_size * jnp.sign(grads), radius)
+    return delta, jnp.maximum(best, ratio(explain_fn, delta))
 
 
 def surrogates(method, model, variables, *, beta, key=None, batch_size=256,
