@@ -137,12 +137,15 @@ def test_the_attack_panel_shows_the_adversarial_image_and_its_maps(page, checkpo
 def test_lrp_offers_its_composites(page, checkpoint, data):  # noqa: F811
     page.sidebar.multiselect[0].set_value(["lrp"]).run()
     assert "epsilon_plus_flat" in page.sidebar.selectbox(key="composite").options
+    evidence = [line for line in _text(page).splitlines() if "on this image" in line]
     page.sidebar.selectbox(key="composite").select("epsilon_plus_flat").run()
     assert not page.exception and not page.error
-    pred = int(_probabilities(checkpoint, data.test_images[0]).argmax())
-    assert page.subheader[0].value == f"LRP (epsilon_plus_flat) — {CLASS_NAMES[pred]}"
     probs = _probabilities(checkpoint, data.test_images[0])
+    pred = int(probs.argmax())
+    assert page.subheader[0].value == f"LRP (epsilon_plus_flat) — {CLASS_NAMES[pred]}"
     assert f"p({CLASS_NAMES[pred]}) = {probs[pred]:.1%}" in _text(page)
+    # The map's own evidence changed: the composite reached the explainer.
+    assert [line for line in _text(page).splitlines() if "on this image" in line] != evidence
 
 
 def test_a_bad_checkpoint_or_data_folder_is_a_message_not_a_crash(page, checkpoint, tmp_path,  # noqa: F811
