@@ -49,6 +49,7 @@ from xai_models import CALLS, bind, closed, environment, inner_programs
 # ----------------------------------------------------------------------------------------
 # Rules. Each maps a linear layer's output relevance R to its input relevance, given
 #   op(x, w): the layer's linear map (a convolution or a dot_general) without its bias,
+#     and op.uniform(x): the same map with every weight 1 (a `LinearOp`),
 #   x: the layer's input, w and b: its weights and bias (BatchNorm merged in),
 #   low and high: the bounds of x (z^B only).
 # T(w, s) below is the transpose of x -> op(x, w) applied to s, i.e. its vjp.
@@ -160,8 +161,8 @@ class Flat(NamedTuple):
     receptive field (weights and inputs all 1, no bias)."""
 
     def __call__(self, op, x, w, b, r, low=None, high=None):
-        ones_x, ones_w = jnp.ones_like(x), jnp.ones_like(w)
-        return _transpose(op, ones_x, ones_w, _divide(r, op(ones_x, ones_w), 1e-6))
+        ones_x = jnp.ones_like(x)
+        return jax.vjp(op.uniform, ones_x)[1](_divide(r, op.uniform(ones_x), 1e-6))[0]
 
 
 class WSquare(NamedTuple):
@@ -174,6 +175,48 @@ class WSquare(NamedTuple):
 
 
 Rule = Union[Epsilon, Gamma, AlphaBeta, ZBox, Flat, WSquare]
+
+
+class LinearOp:
+    """A linear layer's map without its bias, op(x, w), from its equation in the program.
+
+    `uniform(x)` is the same map with every weight 1, written as sums (a windowed sum
+    for a convolution) rather than as the map of a constant all-ones kernel: XLA:CPU's
+    YNNPACK fusion (jaxlib 0.10) computes a convolution whose kernel is a constant splat
+    wrongly when a reduction follows it in the same program, as the channel sum of a
+    map or the user's own `jnp.sum` does (seen as LRP-flat maps of 1e9 to 1e28 under
+    `jax.jit` with traced variables).
+    """
+
+    def __init__(self, eqn, w_shape):
+        self.eqn, self.w_shape = eqn, tuple(w_shape)
+
+    def __call__(self, x, w):
+        return bind(self.eqn, [x, w])[0]
+
+    def uniform(self, x):
+        if self.eqn.primitive.name == "dot_general":  # x @ W, W (in, out)
+            total = jnp.sum(x, axis=-1, keepdims=True)
+            return jnp.broadcast_to(total, x.shape[:-1] + self.w_shape[1:])
+        p = self.eqn.params
+        lhs, rhs, out = p["dimension_numbers"]
+        groups = p["feature_group_count"]
+        # x as (N, G, spatial...): summed over each group's input channels
+        moved = jnp.transpose(x, lhs)
+        moved = moved.reshape((moved.shape[0], groups, -1) + moved.shape[2:]).sum(axis=2)
+        spatial = len(lhs) - 2
+        summed = jax.lax.reduce_window(
+            moved, np.zeros((), x.dtype), jax.lax.add,
+            (1, 1) + tuple(self.w_shape[k] for k in rhs[2:]),
+            (1, 1) + tuple(p["window_strides"]),
+            ((0, 0), (0, 0)) + tuple(map(tuple, p["padding"])),
+            base_dilation=(1, 1) + tuple(p["lhs_dilation"] or (1,) * spatial),
+            window_dilation=(1, 1) + tuple(p["rhs_dilation"] or (1,) * spatial))
+        channels = self.w_shape[rhs[0]]
+        shape = summed.shape
+        y = jnp.broadcast_to(summed[:, :, None], (shape[0], groups, channels // groups)
+                             + shape[2:]).reshape((shape[0], channels) + shape[2:])
+        return jnp.transpose(y, np.argsort(out))
 RULES = (Epsilon, Gamma, AlphaBeta, ZBox, Flat, WSquare)
 
 # ----------------------------------------------------------------------------------------
@@ -505,6 +548,8 @@ class _Run:
                 raise self.refuse(eqn, prefix, "is a dot_general other than x @ W")
             out_axis, w_axis = x.ndim - 1, 1
         else:
+            if eqn.params["batch_group_count"] != 1:
+                raise self.refuse(eqn, prefix, "is a convolution with batch groups")
             numbers = eqn.params["dimension_numbers"]
             out_axis, w_axis = numbers.out_spec[1], numbers.rhs_spec[0]
         # Follow the affine tail: elementwise ops with constants that only vary along the
@@ -537,10 +582,7 @@ class _Run:
         self.layers.append(_Layer(path, kind, rule, tuple(x.shape),
                                   tuple(eqn.outvars[0].aval.shape)))
 
-        def op(a, v, eqn=eqn):
-            return bind(eqn, [a, v])[0]
-
-        return {"end": var, "x": x, "w": w, "op": op, "tail": tail, "rule": rule,
+        return {"end": var, "x": x, "w": w, "op": LinearOp(eqn, w.shape), "tail": tail, "rule": rule,
                 "out_axis": out_axis, "w_axis": w_axis, "channels": channels,
                 "first": first, "index": len(self.layers) - 1, "linear_out": eqn.outvars[0],
                 "tail_index": tail_index}

@@ -242,3 +242,69 @@ def test_composites_pick_rules_by_path_then_kind_and_refuse_the_unmatched():
         lrp.named_composite("gamma_everywhere")
     assert lrp.named_composite("epsilon_plus_flat").first == (
         ("conv", lrp.Flat()), ("dense", lrp.Flat()))
+
+
+def _conv(x_shape, w_shape, **params):
+    rng = np.random.default_rng(sum(x_shape) + sum(w_shape))
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=w_shape), jnp.float32)
+    return lambda a, k: jax.lax.conv_general_dilated(a, k, **params), x, w
+
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+LINEAR_MAPS = {
+    "same": _conv((2, 9, 9, 3), (3, 3, 3, 8), window_strides=(1, 1), padding="SAME",
+                  dimension_numbers=NHWC),
+    "strided valid": _conv((2, 9, 9, 3), (3, 3, 3, 8), window_strides=(2, 2),
+                           padding="VALID", dimension_numbers=NHWC),
+    "groups, dilation, uneven padding": _conv(
+        (2, 10, 9, 4), (5, 3, 2, 6), window_strides=(2, 1), padding=((2, 1), (0, 3)),
+        dimension_numbers=NHWC, feature_group_count=2, rhs_dilation=(2, 1)),
+    "NCHW, input dilation": _conv((2, 4, 9, 9), (8, 4, 3, 3), window_strides=(1, 1),
+                                  padding=((1, 2), (2, 0)), lhs_dilation=(2, 2),
+                                  dimension_numbers=("NCHW", "OIHW", "NCHW")),
+    "depthwise": _conv((2, 9, 9, 6), (3, 3, 1, 6), window_strides=(1, 1), padding="SAME",
+                       dimension_numbers=NHWC, feature_group_count=6),
+    "1-d": _conv((2, 9, 5), (3, 5, 7), window_strides=(1,), padding="SAME",
+                 dimension_numbers=("NWC", "WIO", "NWC")),
+    "dense": (lambda a, k: a @ k, jnp.arange(30.0).reshape(2, 3, 5) / 30,
+              jnp.ones((5, 4))),
+}
+
+
+@pytest.mark.parametrize("name", list(LINEAR_MAPS))
+def test_the_uniform_map_is_the_layer_with_every_weight_one(name):
+    """LRP-flat's map, computed as windowed sums, against the layer's own operation on an
+    all-ones kernel (run eagerly: each operation alone, as XLA computes it correctly)."""
+    fn, x, w = LINEAR_MAPS[name]
+    eqn = next(e for e in jax.make_jaxpr(fn)(x, w).jaxpr.eqns
+               if e.primitive.name in ("conv_general_dilated", "dot_general"))
+    op = lrp.LinearOp(eqn, w.shape)
+    np.testing.assert_allclose(op.uniform(x), op(x, jnp.ones_like(w)), rtol=1e-5,
+                               atol=1e-5)
+
+
+class WideFirst(nn.Module):
+    """Conv(64) → ReLU → GAP → Dense on 32 × 32 images: a first layer wide enough that
+    XLA:CPU (jaxlib 0.10) miscomputed LRP-flat's constant all-ones kernel when a sum
+    followed it (2 images of 16 × 16 did not show it)."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3)(jnp.mean(nn.relu(nn.Conv(64, (3, 3))(x)), axis=(1, 2)))
+
+
+def test_flat_maps_under_jit_with_traced_weights_equal_the_eager_ones():
+    model = WideFirst()
+    x = jax.random.uniform(jax.random.key(6), (2, 32, 32, 3))
+    variables = model.init(jax.random.key(7), x)
+
+    def maps(v, z):
+        return xv.explain("lrp", model, v, z, composite="epsilon_plus_flat").maps
+
+    eager = maps(variables, x)
+    # biases start at zero, so the whole logit reaches the image
+    np.testing.assert_allclose(eager.sum((1, 2)), jnp.max(model.apply(variables, x), -1),
+                               rtol=1e-4)
+    np.testing.assert_allclose(jax.jit(maps)(variables, x), eager, rtol=1e-5,
+                               atol=1e-5 * float(jnp.abs(eager).max()))
