@@ -2,7 +2,8 @@
 
     make app                                    # http://127.0.0.1:8501
     make app APP_CHECKPOINT=cifar10_model.pkl   # your own checkpoint
-    XAI_CHECKPOINT=my.pkl CIFAR10_DIR=... streamlit run app.py
+    streamlit run app.py                        # from any folder, with the app's path
+    XAI_CHECKPOINT=my.pkl streamlit run app.py  # another checkpoint first in the list
 
 Pick a test image (by record, by class, or only the misclassified ones) or upload your
 own, choose explainers and a target class, and each map is shown as an overlay and as a
@@ -17,8 +18,11 @@ raw heatmap with its colour bar, next to
 The sidebar's attack panel adds a PGD adversarial image within ε, its prediction, and
 each map of it beside the clean one, with how far the map moved (`adversarial.py`).
 
-The checkpoint is `$XAI_CHECKPOINT`, else the shipped pretrained one; the data is
-`$CIFAR10_DIR` (both can be changed in the sidebar). The model, the data
+The checkpoint is `$XAI_CHECKPOINT`, else your `cifar10_model.pkl` where it exists, else
+the shipped CNN; the sidebar lists the shipped checkpoints of every architecture too.
+The data is found as everywhere in the project (`cifar10_data.load_cifar10`:
+`$CIFAR10_DIR`, a tensorflow-datasets copy, the download cache); both can be changed in
+the sidebar. The model, the data
 and the jitted functions are cached across interactions with `st.cache_resource`.
 """
 
@@ -26,6 +30,7 @@ import functools
 import io
 import json
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -44,9 +49,12 @@ MAX_UPLOAD_PIXELS = 40_000_000   # larger uploads are refused before they are de
 DISPLAY_SCALE = 6                # 32 px images are shown 192 px wide, pixels kept sharp
 DEFAULT_METHODS = ("gradcam", "saliency")
 POOLS = ("every test image", "one class", "misclassified only")
-# Where evaluation reports are looked for, in order: `make evaluate`'s, then the shipped
-# ones (docs/evaluation/ for the CNN, docs/evaluation/<architecture>/ for the others).
-EVALUATIONS = (ROOT / "xai_results" / "evaluation", ROOT / "docs" / "evaluation")
+# Where evaluation reports are looked for, in order: `make evaluate`'s (in the working
+# folder, then in the clone), then the shipped ones (docs/evaluation/ for the CNN,
+# docs/evaluation/<architecture>/ for the others; a clone only, not the wheel).
+EVALUATIONS = tuple(dict.fromkeys((Path("xai_results", "evaluation").resolve(),
+                                   ROOT / "xai_results" / "evaluation",
+                                   ROOT / "docs" / "evaluation")))
 
 
 def evaluation_reports():
@@ -250,9 +258,7 @@ def main():
     with st.sidebar:
         st.header("Model and data")
         shipped = _shipped()
-        choices = list(dict.fromkeys(
-            [os.environ["XAI_CHECKPOINT"]] * bool(os.environ.get("XAI_CHECKPOINT"))
-            + list(shipped) or [_pretrained()]))
+        choices = checkpoint_choices(os.environ.get("XAI_CHECKPOINT"), shipped)
         chosen = st.selectbox("Shipped checkpoints", choices, key="shipped",
                               format_func=lambda path: shipped.get(path, path))
         checkpoint = st.text_input("Checkpoint", value=chosen)
@@ -305,9 +311,14 @@ def main():
                     eps, steps, options)
 
 
-def _pretrained():
-    from checkpoints import PRETRAINED
-    return str(PRETRAINED)
+def checkpoint_choices(chosen, shipped):
+    """The sidebar's checkpoints, the default first: `chosen` ($XAI_CHECKPOINT) when set,
+    else `checkpoints.default_checkpoint()` (your cifar10_model.pkl where it exists, else
+    the shipped CNN); then your cifar10_model.pkl and every shipped checkpoint."""
+    from checkpoints import OWN_CHECKPOINT, default_checkpoint
+    own = [str(OWN_CHECKPOINT)] if OWN_CHECKPOINT.is_file() else []
+    first = chosen or str(default_checkpoint())
+    return list(dict.fromkeys([first] + own + list(shipped)))
 
 
 def _shipped():
@@ -583,6 +594,23 @@ def show_attack(st, checkpoint, methods, image, label, eps, steps, options=None)
         notes.markdown(f"- top-100 pixels kept: **{float(changes['top_k'][0]):.0%}**\n"
                        f"- Spearman ρ of |map|: **{float(changes['spearman'][0]):.3f}**\n"
                        f"- centre of mass moved: **{float(changes['center_shift'][0]):.1f} px**")
+
+
+# .streamlit/config.toml's settings, for `cifar10-xai-app`, which runs from any folder.
+SERVER_FLAGS = ("--server.address=127.0.0.1", "--server.headless=true",
+                "--server.maxUploadSize=25", "--browser.gatherUsageStats=false")
+
+
+def serve(argv=None):
+    """`cifar10-xai-app [streamlit options]`: serves this page as `streamlit run app.py`
+    does from the repository root (http://127.0.0.1:8501)."""
+    try:
+        from streamlit.web import cli
+    except ImportError:
+        sys.exit("cifar10-xai-app needs Streamlit: pip install 'cifar10-xai[app]'")
+    sys.argv = ["streamlit", "run", str(Path(__file__).resolve()), *SERVER_FLAGS,
+                *(sys.argv[1:] if argv is None else argv)]
+    sys.exit(cli.main())
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ epoch, as a list of arrays, with the epoch, the history and the settings of its 
 """
 
 import dataclasses
+import importlib.resources
 import os
 import pickle
 import tempfile
@@ -22,8 +23,11 @@ import numpy as np
 
 from architectures import MODELS
 
-PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+# The `pretrained` package's folder: beside this file in a clone, in site-packages once
+# installed (the wheel carries it as package data).
+PRETRAINED_DIR = Path(str(importlib.resources.files("pretrained")))
 PRETRAINED = PRETRAINED_DIR / "cifar10_cnn.pkl"
+OWN_CHECKPOINT = Path("cifar10_model.pkl")  # where training writes yours, in the working folder
 DEFAULT_ARCHITECTURE = "CIFAR10CNN"  # what files that record no architecture hold
 # What a checkpoint records: the class name -> its registry entry (architectures.MODELS).
 ARCHITECTURES = {entry.cls.__name__: entry for entry in MODELS.values()}
@@ -148,8 +152,7 @@ def save_checkpoint(path, model, variables, config: Optional[dict] = None,
 
 def default_checkpoint() -> Path:
     """Your `cifar10_model.pkl` when it exists, else the shipped pretrained checkpoint."""
-    own = Path("cifar10_model.pkl")
-    return own if own.is_file() else PRETRAINED
+    return OWN_CHECKPOINT if OWN_CHECKPOINT.is_file() else PRETRAINED
 
 
 def load_checkpoint(path=None):

@@ -246,3 +246,64 @@ def test_sanity_status_comes_from_the_evaluation_of_the_same_checkpoint(tmp_path
     assert "insertion AUC" in lines[1]
     assert app.sanity_status(tmp_path / "other.pkl", "gradcam") is None
     assert "not evaluated" in app.describe_sanity(None)[0]
+
+
+def test_without_the_variable_from_another_folder_the_shipped_cnn_is_explained(
+        data, monkeypatch, tmp_path):  # noqa: F811 (data)
+    """`python -m streamlit run /path/to/app.py` from an empty folder, XAI_CHECKPOINT
+    unset: the shipped CNN first, the other shipped checkpoints after it."""
+    import checkpoints
+
+    monkeypatch.setattr(cifar10_data, "load_cifar10", lambda data_dir: data)
+    monkeypatch.delenv("XAI_CHECKPOINT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    assert not at.exception and not at.error
+    box = at.sidebar.selectbox(key="shipped")
+    shipped = checkpoints.pretrained_checkpoints()
+    assert box.value == str(checkpoints.PRETRAINED)
+    assert box.options == [f"{name} ({checkpoints.shown(path)})"
+                           for name, path in shipped.items()]
+    assert [c.value for c in at.caption if c.value.startswith("Explaining")] == [
+        f"Explaining {checkpoints.describe_checkpoint(checkpoints.PRETRAINED)}."]
+    assert "### Prediction:" in _text(at)
+
+
+def test_your_checkpoint_joins_the_list_where_it_exists(monkeypatch, tmp_path):
+    import checkpoints
+
+    monkeypatch.chdir(tmp_path)
+    shipped = {str(checkpoints.PRETRAINED): "cnn"}
+    assert app.checkpoint_choices(None, shipped) == [str(checkpoints.PRETRAINED)]
+    (tmp_path / "cifar10_model.pkl").write_bytes(b"")
+    assert app.checkpoint_choices(None, shipped) == ["cifar10_model.pkl",
+                                                     str(checkpoints.PRETRAINED)]
+    assert app.checkpoint_choices("other.pkl", shipped) == [
+        "other.pkl", "cifar10_model.pkl", str(checkpoints.PRETRAINED)]
+
+
+def test_the_explorers_explainers_give_the_maps_of_explain(checkpoint):
+    """Every method the explorer offers for the checkpoint (LRP with each composite), as
+    the page computes it (variables as arguments), against `xv.explain` with the same
+    key and the variables as constants, all of them in one program."""
+    import xai_lrp
+    import xai_visualizations as xv
+
+    mtime = app._mtime(checkpoint)
+    model, variables = app.load_model(str(checkpoint), mtime)
+    image = jax.random.uniform(jax.random.key(3), (32, 32, 3))
+    cases = [(method, ()) for method in app.supported_methods(str(checkpoint), mtime)
+             if method != "lrp"]
+    cases += [("lrp", (("composite", name),)) for name in xai_lrp.COMPOSITES]
+    wanted = jax.jit(lambda x: [xv.explain(
+        method, model, variables, x, np.array([4]),
+        jax.random.key(0) if xv.METHODS[method].sampling else None, **dict(options)).maps[0]
+        for method, options in cases])(image[None])
+    for (method, options), want in zip(cases, wanted):
+        explainer = app.explainer(str(checkpoint), mtime, method, options)
+        raw, _, _ = explainer.explain(variables["params"], variables["batch_stats"], image,
+                                      4, normalize=False)
+        scale = float(np.max(np.abs(want)))
+        assert scale > 0, (method, options)
+        np.testing.assert_allclose(raw, want, rtol=0, atol=1e-4 * scale,
+                                   err_msg=f"{method} {options}")
