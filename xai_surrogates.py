@@ -22,6 +22,7 @@ with M_n segments, at most `capacity` of them.
 """
 
 import functools
+import warnings
 from typing import Callable
 
 import jax
@@ -58,7 +59,22 @@ def segment_numpy(images, segmentation="slic", n_segments=64, compactness=10.0):
             labels = seg.quickshift(image, **QUICKSHIFT)
         labels = seg.relabel_sequential(labels)[0]
         out[i] = np.minimum(labels, capacity(n_segments) - 1)
+    _warn_if_unsegmented(out, segmentation)
     return out
+
+
+def _warn_if_unsegmented(segments, segmentation):
+    """One warning naming the images with fewer than 2 segments: a surrogate of one
+    segment has nothing to compare, so their maps are constant."""
+    alone = np.flatnonzero(segments.reshape(len(segments), -1).max(axis=1) < 1)
+    if len(alone) == 0:
+        return
+    options = ("a larger n_segments or a smaller compactness, or segmentation='quickshift'"
+               if segmentation == "slic" else "segmentation='slic' with a larger n_segments")
+    warnings.warn(f"LIME and KernelSHAP found a single segment in image(s) "
+                  f"{', '.join(map(str, alone))} of the batch ({segmentation}), so their "
+                  f"maps are constant there: try {options} (a flat image has one segment "
+                  f"whatever the options)", UserWarning, stacklevel=2)
 
 
 def segment(images, segmentation="slic", n_segments=64, compactness=10.0):

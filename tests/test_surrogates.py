@@ -157,3 +157,19 @@ def test_an_image_alone_gets_the_map_it_gets_in_a_batch(method, squashed, threef
     alone = EXPLAIN[method](variables, x[:1], jax.random.key(0)).maps
     assert float(jnp.max(jnp.abs(alone))) > 1e-3
     np.testing.assert_allclose(alone[0], batch[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["lime", "kernel_shap"])
+def test_a_single_segment_is_named_in_one_warning(method, squashed):
+    """A flat image is one segment: its map is constant, and the call says so once,
+    naming the image and the options to change; images with segments pass silently."""
+    _, variables, x = squashed
+    batch = jnp.concatenate([x[:1], jnp.full_like(x[:1], 0.5)])  # image 1 is flat
+    with pytest.warns(UserWarning) as caught:
+        maps = jax.block_until_ready(EXPLAIN[method](variables, batch,
+                                                     jax.random.key(0)).maps)
+    messages = [str(w.message) for w in caught if "single segment" in str(w.message)]
+    assert len(messages) == 1
+    assert "image(s) 1 of the batch (slic)" in messages[0]
+    assert "n_segments" in messages[0] and "quickshift" in messages[0]
+    assert float(jnp.ptp(maps[1])) == 0 and float(jnp.ptp(maps[0])) > 0
