@@ -52,36 +52,48 @@ def test_every_method_has_option_sets_here():
 @pytest.fixture(scope="module", params=list(INSTANCES))
 def instance(request):
     model = MODELS[request.param].build(**INSTANCES[request.param])
-    images = jax.random.uniform(jax.random.key(11), (2, 32, 32, 3))
+    # smooth images, so that SLIC finds segments for LIME and KernelSHAP
+    images = jax.image.resize(jax.random.uniform(jax.random.key(11), (2, 8, 8, 3)),
+                              (2, 32, 32, 3), "linear")
     variables = jax.jit(model.init)(jax.random.key(12), images)
     return request.param, model, variables, images
 
 
-def _options(options, images):
-    if options.get("baseline") == "grey":
-        return {**options, "baseline": jnp.full(images.shape[1:], 0.5)}
-    return options
+def _cases(name, model, images):
+    """{(method, options as text): options} of every method the registry lets explain
+    this architecture, after checking what it refuses."""
+    cases = {}
+    for method, option_sets in OPTION_SETS.items():
+        why = xv.unsupported(method, model)
+        assert (why is not None) == (method in REFUSED[name]), (name, method, why)
+        for options in option_sets if why is None else ():
+            if options.get("baseline") == "grey":
+                options = {**options, "baseline": jnp.full(images.shape[1:], 0.5)}
+            shown = ", ".join(f"{k}={'an image' if k == 'baseline' else v!r}"
+                              for k, v in options.items())
+            cases[f"{method}({shown})"] = method, options
+    return cases
 
 
-@pytest.mark.parametrize("method", list(OPTION_SETS))
-def test_traced_variables_give_the_concrete_maps(instance, method):
+def test_traced_variables_give_the_concrete_maps(instance):
+    """All the cases of one architecture as one program with the variables as
+    arguments, against one with them as constants (as `explain` sees concrete ones),
+    within 1e-4 of each map's largest value: float32 noise stays below that (LRP-ε on
+    the ResNet differs by 6e-5 of it between the two, where z + ε is near 0), while the
+    miscompiled LRP-flat maps were off by factors of 1e6 to 1e25."""
     name, model, variables, images = instance
-    if method in REFUSED[name]:
-        assert xv.unsupported(method, model)
-        return
-    assert xv.unsupported(method, model) is None
+    cases = _cases(name, model, images)
     key = jax.random.key(13)
-    for options in OPTION_SETS[method]:
-        options = _options(options, images)
 
-        def maps(v, x, k, options=options):
-            out = xv.explain(method, model, v, x, TARGETS, k, batch_size=8, **options)
-            return out.maps, out.logits
+    def every_map(v, x, k):
+        return {case: xv.explain(method, model, v, x, TARGETS, k, batch_size=8,
+                                 **options).maps
+                for case, (method, options) in cases.items()}
 
-        concrete, logits = maps(variables, images, key)
-        traced, traced_logits = jax.jit(maps)(variables, images, key)
-        scale = float(jnp.max(jnp.abs(concrete)))
-        assert np.isfinite(scale) and scale > 0, (method, options)
-        np.testing.assert_allclose(traced_logits, logits, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(traced, concrete, rtol=0, atol=1e-5 * scale,
-                                   err_msg=f"{name} {method} {options}")
+    traced = jax.jit(every_map)(variables, images, key)
+    concrete = jax.jit(lambda x, k: every_map(variables, x, k))(images, key)
+    for case, want in concrete.items():
+        scale = float(jnp.max(jnp.abs(want)))
+        assert np.isfinite(scale) and scale > 0, case
+        np.testing.assert_allclose(traced[case], want, rtol=0, atol=1e-4 * scale,
+                                   err_msg=f"{name} {case}")
