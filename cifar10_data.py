@@ -343,7 +343,7 @@ def split_train_val(images, labels, val_fraction: float = 0.1, seed: int = 0):
     return images[train], labels[train], images[val], labels[val]
 
 
-def map_batches(fn, arrays, batch_size: int, *, place=None, on_batch=None):
+def map_batches(fn, arrays, batch_size: int, *, place=None, on_batch=None, to_host=None):
     """`fn(*batch)` over fixed-size batches of `arrays` (equal first axes), as numpy.
 
     The last batch is padded by repeating its first row, so every call has one shape
@@ -353,7 +353,8 @@ def map_batches(fn, arrays, batch_size: int, *, place=None, on_batch=None):
     compile once per offset). The outputs come back in one transfer at the end, so the
     calls are dispatched without waiting for each other. `place(batch)` puts a batch on
     the devices (e.g. `jax.device_put` with a sharding); `on_batch(size)` is called
-    after each batch is dispatched, e.g. a progress bar's `update`.
+    after each batch is dispatched, e.g. a progress bar's `update`. `to_host(outputs)`
+    brings the list of outputs back (default `jax.device_get`).
     """
     import jax  # noqa: PLC0415 (the data readers need no JAX)
 
@@ -367,7 +368,7 @@ def map_batches(fn, arrays, batch_size: int, *, place=None, on_batch=None):
         outputs.append(fn(*batch))
         if on_batch is not None:
             on_batch(min(batch_size, n - start))
-    outputs = jax.device_get(outputs)
+    outputs = (to_host or jax.device_get)(outputs)
     return jax.tree.map(lambda *o: np.concatenate(o)[:n], *outputs)
 
 

@@ -358,18 +358,30 @@ def evaluate(state, images, labels, batch_size: int, sharding=None):
         return cifar10_data.map_batches(
             lambda x, y: eval_step(state, {"image": x, "label": y}), [images, labels],
             batch_size)
-    # Each batch split across the devices; the outputs gathered onto every device, so
-    # that every process can read them all.
+    # Each batch split across the devices, and its outputs left split: the batches are
+    # dispatched without waiting for each other, and a program with a collective in it
+    # (an all-gather of the outputs, as before) could then deadlock a process with
+    # several local devices: the first device of two batches took both CPU threads, each
+    # waiting for a second device that had no thread left. The outputs are gathered
+    # once, at the end: on the host, and across processes by `process_allgather`.
     step = _split_eval_step(sharding)
     return cifar10_data.map_batches(
-        lambda x, y: step(state, {"image": x, "label": y}), [images, labels], batch_size)
+        lambda x, y: step(state, {"image": x, "label": y}), [images, labels], batch_size,
+        to_host=_gather_to_host)
 
 
 @functools.lru_cache(maxsize=None)
 def _split_eval_step(sharding):
     return jax.jit(lambda state, batch: eval_step(
-        state, jax.lax.with_sharding_constraint(batch, sharding)),
-        out_shardings=_replicated(sharding))
+        state, jax.lax.with_sharding_constraint(batch, sharding)), out_shardings=sharding)
+
+
+def _gather_to_host(outputs):
+    """Split outputs as numpy, whole on every process."""
+    if jax.process_count() == 1:
+        return jax.device_get(outputs)
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    return multihost_utils.process_allgather(outputs, tiled=True)
 
 
 def place(tree, sharding):
