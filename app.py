@@ -246,6 +246,9 @@ def heatmap_figure(image, heatmap, raw, signed, title):
 def main():
     import streamlit as st
 
+    from xai_cache import enable_compilation_cache
+
+    enable_compilation_cache()  # the next server start loads the explainers' programs
     st.set_page_config(page_title="cifar10-xai explorer", layout="wide")
     st.title("cifar10-xai explorer")
     st.caption("Each heatmap next to the evidence for trusting it: on this image, ROAD "

@@ -23,6 +23,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from checkpoints import safe_pickle_load
+from xai_cache import user_cache_dir
 
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer",
                "dog", "frog", "horse", "ship", "truck")
@@ -215,8 +216,8 @@ def load_tfds(tfds_data_dir) -> Optional[Cifar10]:
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "cifar10-xai"
+    """Where the downloaded archive is kept: the user cache folder."""
+    return user_cache_dir()
 
 
 def _check_reachable(url, timeout: float = 10.0):

@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 
 from cifar10_data import DataError
+from xai_cache import enable_compilation_cache
 
 ROOT = Path(__file__).resolve().parent
 _PROJECT_FOLDERS = (ROOT, ROOT / "benchmarks")
@@ -106,7 +107,8 @@ def _interrupt(signum, frame):
 def entry_point(main):
     """Wraps a script's `main(argv=None)`: the project's own errors print one line and
     exit 2 or 1; Ctrl-C and SIGTERM print one line (with what the KeyboardInterrupt
-    says, e.g. how to resume) and exit 130."""
+    says, e.g. how to resume) and exit 130. The run joins a multi-process run when the
+    environment describes one and uses the persistent compilation cache."""
     prog = Path(inspect.getsourcefile(main)).name
 
     @functools.wraps(main)
@@ -115,6 +117,7 @@ def entry_point(main):
         previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
         try:
             start_distributed()
+            enable_compilation_cache()
             return main(argv)
         except KeyboardInterrupt as e:
             print(f"{prog}: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr,

@@ -35,11 +35,13 @@ from flax import traverse_util
 
 import xai_lrp
 import xai_surrogates
+from xai_cache import enable_compilation_cache
 from xai_models import (abstract_variables, as_grid, check_call, default_layer, forward,
                         UnguidedError, frozen_kwargs, guided, guided_relu, is_module,
                         layers, model_name, resolve_layer, split)
 
 __all__ = ["Attribution", "Explainer", "GradCAM", "IntegratedGradients", "METHODS",
+           "enable_compilation_cache",
            "LRP", "Method", "Option", "PREDICTED", "SaliencyMap", "explain", "guided_relu",
            "layers", "normalize_maps", "overlay", "unsupported"]
 
@@ -1017,6 +1019,42 @@ def _outputs(maps, preds, scores, single):
     return maps, preds, scores
 
 
+def _shared(build, *key):
+    """`build(*key)`, made once per key while the key is hashable: explainer objects of
+    the same model, method, options and sizes share one jitted function, so a second
+    object compiles nothing. A key holding an array (a baseline image) builds anew."""
+    try:
+        hash(key)
+    except TypeError:
+        return build(*key)
+    return _cached_build(build, *key)
+
+
+@functools.lru_cache(maxsize=128)
+def _cached_build(build, *key):
+    return build(*key)
+
+
+def _compile_scored(method, model, apply_kwargs, batch_size, options):
+    return jit_by_batch(functools.partial(_scored, method, model, apply_kwargs, batch_size,
+                                          dict(options)), static_argnames="normalize")
+
+
+def _compile_smooth(model, apply_kwargs):
+    return jit_by_batch(
+        lambda variables, images, targets, key, normalize, n_samples, noise_level,
+        batch_size: _scored("smoothgrad", model, apply_kwargs, batch_size,
+                            {"n_samples": n_samples, "noise_level": noise_level},
+                            variables, images, targets, key, normalize),
+        static_argnames=("normalize", "n_samples", "batch_size"))
+
+
+def _compile_attributions(model, apply_kwargs, batch_size, options):
+    return jax.jit(lambda variables, images, targets: integrated_gradients(
+        model, variables, images, targets, batch_size=batch_size,
+        apply_kwargs=dict(apply_kwargs), **dict(options)))
+
+
 class Explainer:
     """Any method of `METHODS` behind the seed's calling convention, for any linen model.
 
@@ -1037,9 +1075,9 @@ class Explainer:
         self.apply_kwargs = dict(apply_kwargs or {})
         self.options = check_options(method, model, options, apply_kwargs=self.apply_kwargs)
         self.batch_size = check_int("batch_size", batch_size, 1)
-        self._explain = jit_by_batch(functools.partial(
-            _scored, method, model, frozen_kwargs(self.apply_kwargs),
-            self.batch_size, self.options), static_argnames="normalize")
+        self._explain = _shared(_compile_scored, method, model,
+                                frozen_kwargs(self.apply_kwargs), self.batch_size,
+                                tuple(sorted(self.options.items())))
 
     @property
     def signed(self):
@@ -1092,9 +1130,9 @@ class IntegratedGradients(Explainer):
     def __init__(self, model, *, batch_size=256, apply_kwargs=None, **options):
         super().__init__(model, "integrated_gradients", batch_size=batch_size,
                          apply_kwargs=apply_kwargs, **options)
-        self._attributions = jax.jit(lambda variables, images, targets: integrated_gradients(
-            model, variables, images, targets, batch_size=self.batch_size,
-            apply_kwargs=self.apply_kwargs, **self.options))
+        self._attributions = _shared(_compile_attributions, model,
+                                     frozen_kwargs(self.apply_kwargs), self.batch_size,
+                                     tuple(sorted(self.options.items())))
 
     def attributions(self, params, batch_stats, image, target_class=None):
         """(attributions (…, H, W, C), completeness gap (…)) for one image or a batch;
@@ -1164,13 +1202,7 @@ class SaliencyMap:
     def __init__(self, model, *, apply_kwargs=None):
         self.model = model
         self._saliency = Explainer(model, "saliency", apply_kwargs=apply_kwargs)
-        kwargs = frozen_kwargs(apply_kwargs)
-        self._smooth = jit_by_batch(
-            lambda variables, images, targets, key, normalize, n_samples, noise_level,
-            batch_size: _scored("smoothgrad", model, kwargs, batch_size,
-                                {"n_samples": n_samples, "noise_level": noise_level},
-                                variables, images, targets, key, normalize),
-            static_argnames=("normalize", "n_samples", "batch_size"))
+        self._smooth = _shared(_compile_smooth, model, frozen_kwargs(apply_kwargs))
 
     def compute_saliency(self, params, batch_stats, image, target_class=None, normalize=True):
         """|∂y_c/∂x| maxed over colour channels, for one image or a batch.

@@ -303,3 +303,75 @@ def test_overlay_blends_the_colormap(images):
     assert out.shape == (32, 32, 3) and out.dtype == np.float32
     viridis = xv.overlay(image, heatmap, colormap="viridis")
     assert np.abs(viridis - out).max() > 0.1
+
+
+@pytest.fixture
+def backend_compiles():
+    """The programs XLA compiles (or loads from the persistent cache) while a test runs."""
+    events = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            events.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    yield events
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def test_a_second_explainer_object_compiles_nothing(tiny_variables, images,
+                                                    backend_compiles):
+    """Objects of the same model, method, options and shapes share one compiled program:
+    a second GradCAM of an equal model (another instance) compiles nothing."""
+    from cifar10_cnn_model import CIFAR10CNN
+
+    params, batch_stats = _pb(tiny_variables)
+    first = GradCAM(CIFAR10CNN(width=4), target_layer="conv3").compute_gradcam(
+        params, batch_stats, images[5])
+    backend_compiles.clear()
+    second = GradCAM(CIFAR10CNN(width=4), target_layer="conv3").compute_gradcam(
+        params, batch_stats, images[5])
+    assert backend_compiles == []
+    np.testing.assert_array_equal(second[0], first[0])
+    SaliencyMap(CIFAR10CNN(width=4)).compute_saliency(params, batch_stats, images[5])
+    assert len(backend_compiles) >= 1  # another method is another program
+
+
+CACHED_RUN = """
+import sys, jax, numpy as np
+programs, hits = [], []
+jax.monitoring.register_event_duration_secs_listener(  # compiled or loaded
+    lambda event, duration, **kw: programs.append(event)
+    if event == "/jax/core/compile/backend_compile_duration" else None)
+jax.monitoring.register_event_listener(
+    lambda event, **kw: hits.append(event)
+    if event == "/jax/compilation_cache/cache_hits" else None)
+import xai_visualizations as xv
+from cifar10_cnn_model import CIFAR10CNN
+assert jax.config.jax_compilation_cache_dir is None, "importing turned the cache on"
+print(xv.enable_compilation_cache(sys.argv[1]))
+model = CIFAR10CNN(width=4)
+variables = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+image = np.full((32, 32, 3), 0.5, np.float32)
+xv.GradCAM(model).compute_gradcam(variables["params"], variables["batch_stats"], image)
+print(len(programs), len(hits))
+"""
+
+
+@pytest.mark.slow
+def test_a_second_process_loads_its_programs_from_the_cache(tmp_path):
+    """One documented call turns the persistent cache on (nothing on import): the first
+    process compiles and fills the folder, the second loads every program from it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION")}
+    runs = [subprocess.run([sys.executable, "-c", CACHED_RUN, str(tmp_path / "cache")],
+                           capture_output=True, text=True, env=env, check=True).stdout.split()
+            for _ in range(2)]
+    assert runs[0][0] == runs[1][0] == str(tmp_path / "cache")
+    (programs, hits), (again, loaded) = [map(int, run[1:]) for run in runs]
+    assert programs > 0 and hits == 0  # the first process compiled them all
+    assert again == loaded == programs  # the second loaded them all
+    assert any((tmp_path / "cache").iterdir())
