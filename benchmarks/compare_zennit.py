@@ -33,8 +33,7 @@ import xai_visualizations as xv  # noqa: E402
 from checkpoints import PRETRAINED, load_checkpoint  # noqa: E402
 from cifar10_cnn_model import CIFAR10_MEAN, CIFAR10_STD, CONVS_PER_BLOCK  # noqa: E402
 
-COMPOSITES = ("epsilon_gamma_box", "epsilon_plus_flat", "epsilon_plus",
-              "epsilon_alpha2_beta1")
+COMPOSITES = xv.xai_lrp.COMPOSITES
 
 
 def import_zennit():
@@ -52,6 +51,8 @@ def import_zennit():
     import zennit.attribution  # noqa: PLC0415
     import zennit.canonizers  # noqa: PLC0415
     import zennit.composites  # noqa: PLC0415
+    import zennit.rules  # noqa: PLC0415
+    import zennit.types  # noqa: PLC0415
 
     return zennit
 
@@ -104,6 +105,12 @@ def zennit_relevance(zennit, net, composite, images):
                  canonizers=canonizers),
              "epsilon_plus": lambda: zennit.composites.EpsilonPlus(canonizers=canonizers),
              "epsilon_alpha2_beta1": lambda: zennit.composites.EpsilonAlpha2Beta1(
+                 canonizers=canonizers),
+             "epsilon_alpha2_beta1_flat": lambda: zennit.composites.EpsilonAlpha2Beta1Flat(
+                 canonizers=canonizers),
+             "epsilon": lambda: zennit.composites.LayerMapComposite(
+                 zennit.composites.layer_map_base() + [
+                     (zennit.types.Linear, zennit.rules.Epsilon(1e-6))],
                  canonizers=canonizers)}
     with zennit.attribution.Gradient(net, kinds[composite]()) as attributor:
         out, relevance = attributor(
@@ -128,9 +135,10 @@ def main(argv=None):
     net = torch_cnn(variables)
     print(f"{args.num_images} test images, the shipped CNN, {cli.describe_device()}, "
           f"torch {torch.__version__}, zennit {importlib.metadata.version('zennit')}")
-    print("| composite | max |ours − Zennit's| / max |Zennit's| | Σ R / logit (ours, Zennit's) | "
-          "ours img/s | Zennit's img/s |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| composite | max \\|ours − Zennit's\\| / max \\|Zennit's\\| | Pearson r per image "
+          "(min, mean) | Σ R / logit (ours, Zennit's) | `LRP` object vs `xv.explain` (max "
+          "difference / max \\|map\\|) | ours img/s | Zennit's img/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name in COMPOSITES:
         explain = jax.jit(lambda v, x, name=name: xv.explain("lrp", model, v, x, None,
                                                               composite=name))
@@ -146,8 +154,17 @@ def main(argv=None):
         ours_raw = np.asarray(raw.maps)
         diff = np.max(np.abs(ours_raw - theirs)) / np.max(np.abs(theirs))
         logit = np.max(logits, axis=1)
-        print(f"| {name} | {diff:.2e} | {np.mean(ours_raw.sum((1, 2, 3)) / logit):.3f}, "
-              f"{np.mean(theirs.sum((1, 2, 3)) / logit):.3f} | "
+        r = [np.corrcoef(a.sum(-1).ravel(), b.sum(-1).ravel())[0, 1]
+             for a, b in zip(ours_raw, theirs)]
+        # the class path (variables as arguments of its jitted function) against the
+        # plain call with concrete variables, as a user runs each
+        objects = xv.LRP(model, composite=name).explain(
+            variables["params"], variables["batch_stats"], images, normalize=False)[0]
+        plain = np.asarray(xv.explain("lrp", model, variables, images, composite=name).maps)
+        path = np.max(np.abs(objects - plain)) / np.max(np.abs(plain))
+        print(f"| {name} | {diff:.2e} | {min(r):.4f}, {np.mean(r):.4f} | "
+              f"{np.mean(ours_raw.sum((1, 2, 3)) / logit):.3f}, "
+              f"{np.mean(theirs.sum((1, 2, 3)) / logit):.3f} | {path:.1e} | "
               f"{args.num_images / ours_s:.0f} | {args.num_images / theirs_s:.0f} |")
 
 
