@@ -73,8 +73,7 @@ def _warn_if_unsegmented(segments, segmentation):
                if segmentation == "slic" else "segmentation='slic' with a larger n_segments")
     warnings.warn(f"LIME and KernelSHAP found a single segment in image(s) "
                   f"{', '.join(map(str, alone))} of the batch ({segmentation}), so their "
-                  f"maps are constant there: try {options} (a flat image has one segment "
-                  f"whatever the options)", UserWarning, stacklevel=2)
+                  f"maps are constant there: try {options}", UserWarning, stacklevel=2)
 
 
 def segment(images, segmentation="slic", n_segments=64, compactness=10.0):

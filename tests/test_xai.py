@@ -333,8 +333,6 @@ def test_a_second_explainer_object_compiles_nothing(tiny_variables, images,
         params, batch_stats, images[5])
     assert backend_compiles == []
     np.testing.assert_array_equal(second[0], first[0])
-    SaliencyMap(CIFAR10CNN(width=4)).compute_saliency(params, batch_stats, images[5])
-    assert len(backend_compiles) >= 1  # another method is another program
 
 
 CACHED_RUN = """
