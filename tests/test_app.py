@@ -3,6 +3,7 @@ checkpoint and synthetic data) and its upload reader. The real-browser test is i
 test_app_browser.py."""
 
 import io
+import os
 
 import jax
 import numpy as np
@@ -289,7 +290,7 @@ def test_the_explorers_explainers_give_the_maps_of_explain(checkpoint):
     import xai_lrp
     import xai_visualizations as xv
 
-    mtime = app._mtime(checkpoint)
+    mtime = os.path.getmtime(checkpoint)  # the page keys its caches by it
     model, variables = app.load_model(str(checkpoint), mtime)
     image = jax.random.uniform(jax.random.key(3), (32, 32, 3))
     cases = [(method, ()) for method in app.supported_methods(str(checkpoint), mtime)
