@@ -51,11 +51,6 @@ first = time.perf_counter() - start
 t = time.perf_counter()
 GradCAM(model, target_layer='conv3').compute_gradcam(params, batch_stats, image)
 second = time.perf_counter() - t
-def median(fn):
-    times = []
-    for _ in range(30):
-        t = time.perf_counter(); fn(); times.append(time.perf_counter() - t)
-    return float(np.median(times))
 steady = {"gradcam": median(lambda: gradcam.compute_gradcam(params, batch_stats, image)),
           "saliency": median(lambda: saliency.compute_saliency(params, batch_stats, image)),
           "smoothgrad": median(lambda: saliency.compute_smooth_saliency(
@@ -66,7 +61,7 @@ print(json.dumps({"first": first, "second": second, "steady": steady, "pred": pr
 CAPTUM = r'''
 import time
 start = time.perf_counter()
-import pickle, json
+import pickle, json, sys
 import numpy as np
 import torch
 from captum.attr import LayerGradCam, LayerAttribution, NoiseTunnel, Saliency
@@ -74,37 +69,11 @@ with open(CHECKPOINT, 'rb') as f:
     checkpoint = pickle.load(f)
 params, stats = checkpoint['params'], checkpoint['batch_stats']
 
-class Standardize(torch.nn.Module):
-    def forward(self, x):
-        mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(STD).view(1, 3, 1, 1)
-        return (x - mean) / std
-
-layers = [Standardize()]
-for b, convs in enumerate(CONVS):
-    if b:
-        layers.append(torch.nn.MaxPool2d(2))
-    for i in range(convs):
-        kernel = np.asarray(params[f"block{b + 1}"][f"Conv_{i}"]["kernel"])
-        conv = torch.nn.Conv2d(kernel.shape[2], kernel.shape[3], 3, padding=1, bias=False)
-        conv.weight.data = torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy())
-        bn = torch.nn.BatchNorm2d(kernel.shape[3], eps=1e-5)
-        norm, running = params[f"block{b + 1}"][f"BatchNorm_{i}"], stats[f"block{b + 1}"][f"BatchNorm_{i}"]
-        bn.weight.data = torch.from_numpy(np.asarray(norm["scale"]))
-        bn.bias.data = torch.from_numpy(np.asarray(norm["bias"]))
-        bn.running_mean.data = torch.from_numpy(np.asarray(running["mean"]))
-        bn.running_var.data = torch.from_numpy(np.asarray(running["var"]))
-        layers += [conv, bn, torch.nn.ReLU()]
-conv3 = layers[-1]
-layers += [torch.nn.MaxPool2d(2), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()]
-for i in range(2):
-    dense = params["head"][f"Dense_{i}"]
-    kernel = np.asarray(dense["kernel"])
-    linear = torch.nn.Linear(*kernel.shape)
-    linear.weight.data = torch.from_numpy(kernel.T.copy())
-    linear.bias.data = torch.from_numpy(np.asarray(dense["bias"]))
-    layers += [linear, torch.nn.ReLU()] if i == 0 else [linear]
-net = torch.nn.Sequential(*layers).eval()
+sys.path.insert(0, BENCHMARKS)
+from torch_twin import Standardize, torch_cnn
+body = torch_cnn({"params": params, "batch_stats": stats})
+net = torch.nn.Sequential(Standardize(MEAN, STD), *body).eval()
+conv3 = [m for m in net if isinstance(m, torch.nn.ReLU)][-2]  # block 3's last ReLU
 x = torch.from_numpy(np.load(IMAGE).transpose(2, 0, 1)[None].copy())
 
 def gradcam_map(explainer):
@@ -134,11 +103,6 @@ first = time.perf_counter() - start
 t = time.perf_counter()
 gradcam_map(LayerGradCam(net, conv3))
 second = time.perf_counter() - t
-def median(fn):
-    times = []
-    for _ in range(30):
-        t = time.perf_counter(); fn(); times.append(time.perf_counter() - t)
-    return float(np.median(times))
 steady = {"gradcam": median(lambda: gradcam_map(gradcam)),
           "saliency": median(lambda: saliency_map(saliency)),
           "smoothgrad": median(lambda: smooth_map(tunnel))}
@@ -146,8 +110,20 @@ print(json.dumps({"first": first, "second": second, "steady": steady, "pred": pr
 '''
 
 
+# Both scripts end with this: the median of 30 calls of each explainer on one image.
+STEADY = r'''
+def median(fn):
+    times = []
+    for _ in range(30):
+        t = time.perf_counter(); fn(); times.append(time.perf_counter() - t)
+    return float(np.median(times))
+'''
+
+
 def run(script, values):
     code = "".join(f"{name} = {value!r}\n" for name, value in values.items()) + script
+    head, tail = code.split("steady = {", 1)
+    code = head + STEADY + "steady = {" + tail
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=tempfile.gettempdir())
     if done.returncode:
@@ -171,7 +147,7 @@ def main(argv=None):
     import torch  # noqa: PLC0415
     import xai_cli as cli  # noqa: PLC0415
     from checkpoints import PRETRAINED  # noqa: PLC0415
-    from cifar10_cnn_model import CIFAR10_MEAN, CIFAR10_STD, CONVS_PER_BLOCK  # noqa: PLC0415
+    from cifar10_cnn_model import CIFAR10_MEAN, CIFAR10_STD  # noqa: PLC0415
 
     work = Path(tempfile.mkdtemp(prefix="bench_latency_"))
     image = work / "image.npy"
@@ -182,7 +158,7 @@ def main(argv=None):
         rows["ours, cold cache"].append(run(OURS, {**shared, "CACHE": str(work / f"cold{r}")}))
         rows["ours, warm cache"].append(run(OURS, {**shared, "CACHE": str(work / "cold0")}))
         rows["Captum"].append(run(CAPTUM, {**shared, "MEAN": CIFAR10_MEAN, "STD": CIFAR10_STD,
-                                           "CONVS": CONVS_PER_BLOCK}))
+                                           "BENCHMARKS": str(ROOT / "benchmarks")}))
     import captum  # noqa: PLC0415
 
     print(f"the shipped CNN, test record {args.record}, {args.runs} fresh processes each "

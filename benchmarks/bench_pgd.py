@@ -29,20 +29,6 @@ import cifar10_data  # noqa: E402
 import xai_cli as cli  # noqa: E402
 from checkpoints import PRETRAINED, load_checkpoint  # noqa: E402
 from cifar10_cnn_model import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
-from compare_zennit import torch_cnn  # noqa: E402
-
-
-def torch_model(variables):
-    """The CNN on [0, 1] NCHW images: its standardisation, then `torch_cnn`."""
-    import torch  # noqa: PLC0415
-
-    class Standardize(torch.nn.Module):
-        def forward(self, x):
-            mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
-            std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
-            return (x - mean) / std
-
-    return torch.nn.Sequential(Standardize(), torch_cnn(variables)).eval()
 
 
 @cli.entry_point
@@ -70,7 +56,9 @@ def main(argv=None):
     ours = run()
     ours_s = time.perf_counter() - start
 
-    net = torch_model(variables)
+    from torch_twin import torch_model  # noqa: PLC0415 (torch is a peer)
+
+    net = torch_model(variables, CIFAR10_MEAN, CIFAR10_STD)
     x = torch.from_numpy(np.asarray(images).transpose(0, 3, 1, 2).copy())
     y = torch.from_numpy(np.asarray(labels).astype(np.int64))
     pgd = PGD(net, lower_bound=0.0, upper_bound=1.0)

@@ -31,7 +31,7 @@ import cifar10_data  # noqa: E402
 import xai_cli as cli  # noqa: E402
 import xai_visualizations as xv  # noqa: E402
 from checkpoints import PRETRAINED, load_checkpoint  # noqa: E402
-from cifar10_cnn_model import CIFAR10_MEAN, CIFAR10_STD, CONVS_PER_BLOCK  # noqa: E402
+from cifar10_cnn_model import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
 
 COMPOSITES = xv.xai_lrp.COMPOSITES
 
@@ -55,39 +55,6 @@ def import_zennit():
     import zennit.types  # noqa: PLC0415
 
     return zennit
-
-
-def torch_cnn(variables):
-    """The CIFAR10CNN of `variables` as a torch.nn.Sequential on standardised images."""
-    import torch  # noqa: PLC0415
-
-    params, stats = variables["params"], variables["batch_stats"]
-    layers = []
-    for b, convs in enumerate(CONVS_PER_BLOCK):
-        block, block_stats = params[f"block{b + 1}"], stats[f"block{b + 1}"]
-        if b:
-            layers.append(torch.nn.MaxPool2d(2))
-        for i in range(convs):
-            kernel = np.asarray(block[f"Conv_{i}"]["kernel"])  # (kh, kw, in, out)
-            conv = torch.nn.Conv2d(kernel.shape[2], kernel.shape[3], 3, padding=1, bias=False)
-            conv.weight.data = torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy())
-            bn = torch.nn.BatchNorm2d(kernel.shape[3], eps=1e-5)
-            bn.weight.data = torch.from_numpy(np.asarray(block[f"BatchNorm_{i}"]["scale"]))
-            bn.bias.data = torch.from_numpy(np.asarray(block[f"BatchNorm_{i}"]["bias"]))
-            bn.running_mean.data = torch.from_numpy(
-                np.asarray(block_stats[f"BatchNorm_{i}"]["mean"]))
-            bn.running_var.data = torch.from_numpy(
-                np.asarray(block_stats[f"BatchNorm_{i}"]["var"]))
-            layers += [conv, bn, torch.nn.ReLU()]
-    layers += [torch.nn.MaxPool2d(2), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()]
-    for i in range(2):
-        dense = params["head"][f"Dense_{i}"]
-        kernel = np.asarray(dense["kernel"])
-        linear = torch.nn.Linear(*kernel.shape)
-        linear.weight.data = torch.from_numpy(kernel.T.copy())
-        linear.bias.data = torch.from_numpy(np.asarray(dense["bias"]))
-        layers += [linear, torch.nn.ReLU()] if i == 0 else [linear]
-    return torch.nn.Sequential(*layers).eval()
 
 
 def zennit_relevance(zennit, net, composite, images):
@@ -132,6 +99,8 @@ def main(argv=None):
     model, variables = load_checkpoint(PRETRAINED)
     data = cifar10_data.load_cifar10(args.data_dir)
     images = jnp.asarray(data.test_images[:args.num_images], jnp.float32) / 255.0
+    from torch_twin import torch_cnn  # noqa: PLC0415 (torch is a peer, imported late)
+
     net = torch_cnn(variables)
     print(f"{args.num_images} test images, the shipped CNN, {cli.describe_device()}, "
           f"torch {torch.__version__}, zennit {importlib.metadata.version('zennit')}")
