@@ -204,19 +204,20 @@ class LinearOp:
         # x as (N, G, spatial...): summed over each group's input channels
         moved = jnp.transpose(x, lhs)
         moved = moved.reshape((moved.shape[0], groups, -1) + moved.shape[2:]).sum(axis=2)
-        spatial = len(lhs) - 2
         summed = jax.lax.reduce_window(
             moved, np.zeros((), x.dtype), jax.lax.add,
             (1, 1) + tuple(self.w_shape[k] for k in rhs[2:]),
             (1, 1) + tuple(p["window_strides"]),
             ((0, 0), (0, 0)) + tuple(map(tuple, p["padding"])),
-            base_dilation=(1, 1) + tuple(p["lhs_dilation"] or (1,) * spatial),
-            window_dilation=(1, 1) + tuple(p["rhs_dilation"] or (1,) * spatial))
+            base_dilation=(1, 1) + tuple(p["lhs_dilation"]),
+            window_dilation=(1, 1) + tuple(p["rhs_dilation"]))
         channels = self.w_shape[rhs[0]]
         shape = summed.shape
         y = jnp.broadcast_to(summed[:, :, None], (shape[0], groups, channels // groups)
                              + shape[2:]).reshape((shape[0], channels) + shape[2:])
         return jnp.transpose(y, np.argsort(out))
+
+
 RULES = (Epsilon, Gamma, AlphaBeta, ZBox, Flat, WSquare)
 
 # ----------------------------------------------------------------------------------------
@@ -582,8 +583,8 @@ class _Run:
         self.layers.append(_Layer(path, kind, rule, tuple(x.shape),
                                   tuple(eqn.outvars[0].aval.shape)))
 
-        return {"end": var, "x": x, "w": w, "op": LinearOp(eqn, w.shape), "tail": tail, "rule": rule,
-                "out_axis": out_axis, "w_axis": w_axis, "channels": channels,
+        return {"end": var, "x": x, "w": w, "op": LinearOp(eqn, w.shape), "tail": tail,
+                "rule": rule, "out_axis": out_axis, "w_axis": w_axis, "channels": channels,
                 "first": first, "index": len(self.layers) - 1, "linear_out": eqn.outvars[0],
                 "tail_index": tail_index}
 
