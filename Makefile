@@ -56,9 +56,10 @@ bench: $(VENV)/.installed
 # default EVAL_FLAGS are the CPU subset of docs/architectures.md (the first 50 test
 # records, curves every 64 px, randomisation on 4 images, fewer samples for the sampling
 # methods); EVAL_FLAGS= evaluates the first 1,000 with every default, as on a GPU.
-EVAL_FLAGS ?= --num-images 50 --randomization-images 4 --smoothgrad-samples 16 --ig-steps 16 \
-	--rise-masks 250 --occlusion-patch 8 --occlusion-stride 4 --step 64 --chunk 50 --batch-size 256 \
-	--faithfulness-subsets 50 --infidelity-perturbations 16 --focus-mosaics 50 --lime-samples 250
+EVAL_FLAGS ?= --num-images 50 --randomization-images 4 --smoothgrad-n-samples 16 \
+	--integrated-gradients-steps 16 --rise-n-masks 250 --occlusion-patch 8 --occlusion-stride 4 \
+	--step 64 --chunk 50 --batch-size 256 --faithfulness-subsets 50 --infidelity-perturbations 16 \
+	--focus-mosaics 50 --lime-n-samples 250 --kernel-shap-n-samples 250
 evaluate: $(VENV)/.installed
 	@for checkpoint in $(wildcard cifar10_model.pkl pretrained/*.pkl); do \
 	  $(PY) evaluate_xai.py --checkpoint $$checkpoint $(EVAL_FLAGS) \

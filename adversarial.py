@@ -1,7 +1,6 @@
-"""Adversarial analysis of predictions and of explanations, batch-first and jitted.
+"""Attacks on explanations and their measures, batch-first and jitted.
 
-- Attacks on predictions: `fgsm` (Goodfellow et al. 2015) and `pgd` (Madry et al. 2018)
-  under L∞ or L2, with a random start from an explicit key; `robust_accuracy` sweeps ε.
+- Attacks on predictions (FGSM, PGD) are `xai_attacks`'; these use its projection.
 - Attacks on explanations, for a method of `xai_visualizations.METHODS`:
   - `fragility_attack` (Ghorbani et al., AAAI 2019): within ε, keeping the predicted
     class, lower the share of the map on its original top-k pixels (or move its centre
@@ -27,190 +26,25 @@ from typing import Callable, Dict, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import xai_metrics
+from xai_attacks import check_budget, project
+from xai_core import check_int, check_number
 from xai_models import forward, softplus_relus
-from xai_visualizations import METHODS, check_images, check_int, check_number, explain
+from xai_visualizations import METHODS, explain
 
-NORMS = ("linf", "l2")
-# Methods whose maps are input gradients of a plain f(x) -> logits, so that an attack can
-# differentiate them on the softplus network.
-GRADIENT_METHODS = ("saliency", "grad_x_input", "integrated_gradients", "smoothgrad")
 TINY = 1e-12
-
-
-def _check_norm(norm):
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    return norm
-
-
-def _check_budget(eps, steps=None, step_size=None):
-    check_number("eps", eps)
-    if steps is not None:
-        check_int("steps", steps, 1)
-    if step_size is not None:
-        check_number("step_size", step_size)
-
-
-def _check_batch(images, labels):
-    """Static checks only (shapes and dtypes), so the attacks still trace under jit."""
-    if getattr(images, "ndim", None) != 4:
-        given = (f"shape {tuple(images.shape)}" if hasattr(images, "shape")
-                 else type(images).__name__)
-        raise ValueError(f"images must be a batch (N, H, W, C), got {given}")
-    return _check_labels(labels, images.shape[0])
-
-
-def _check_labels(labels, n, name="labels"):
-    labels = jnp.asarray(labels)
-    if labels.shape != (n,) or not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise ValueError(f"{name} must be {n} integer classes, one per image, got "
-                         f"{labels.dtype} of shape {labels.shape}")
-    return labels.astype(jnp.int32)
-
-
-# ----------------------------------------------------------------------------------------
-# Attacks on predictions.
-
-
-def _norm(x):
-    """Per-example L2 norm, (N, 1, 1, 1)."""
-    return jnp.sqrt(jnp.sum(x * x, axis=tuple(range(1, x.ndim)), keepdims=True))
-
-
-def project(delta, eps, norm="linf"):
-    """`delta` projected onto the ε-ball of `norm`, per example."""
-    if norm == "linf":
-        return jnp.clip(delta, -eps, eps)
-    return delta * jnp.minimum(1.0, eps / jnp.maximum(_norm(delta), TINY))
-
-
-def random_start(key, shape, eps, norm="linf"):
-    """A uniform draw from the ε-ball of one image's `shape`; the attacks add the same
-    draw to every image, so an image's attack never depends on its batch-mates."""
-    if norm == "linf":
-        return jax.random.uniform(key, shape, minval=-eps, maxval=eps)
-    direction, radius = jax.random.split(key)
-    direction = jax.random.normal(direction, shape)
-    radius = eps * jax.random.uniform(radius) ** (1.0 / np.prod(shape))
-    return direction * radius / jnp.maximum(jnp.linalg.norm(direction), TINY)
-
-
-def _loss_gradients(f, images, labels):
-    """∂/∂x of each example's cross-entropy (the examples' losses are summed, and no
-    example's gradient depends on another's)."""
-    def loss(x):
-        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(f(x), labels))
-
-    return jax.grad(loss)(images)
-
-
-def _ascend(x, grads, step_size, norm):
-    if norm == "linf":
-        return x + step_size * jnp.sign(grads)
-    return x + step_size * grads / jnp.maximum(_norm(grads), TINY)
-
-
-def fgsm(model, variables, images, labels, *, eps, apply_kwargs=None):
-    """FGSM (Goodfellow et al. 2015): x + ε · sign(∇ₓ CE(f(x), y)), clipped to [0, 1]."""
-    labels = _check_batch(images, labels)
-    f = forward(model, variables, apply_kwargs)
-    return jnp.clip(images + eps * jnp.sign(_loss_gradients(f, images, labels)), 0.0, 1.0)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "apply_kwargs", "norm"))
-def _pgd_step(variables, x, images, labels, eps, step_size, *, model, apply_kwargs, norm):
-    f = forward(model, variables, dict(apply_kwargs))
-    x = _ascend(x, _loss_gradients(f, x, labels), step_size, norm)
-    return jnp.clip(images + project(x - images, eps, norm), 0.0, 1.0)
-
-
-def pgd(model, variables, images, labels, key, *, eps, step_size, steps, norm="linf",
-        random_init=True, center=None, apply_kwargs=None):
-    """PGD (Madry et al. 2018): `steps` ascents of the cross-entropy of `labels`, each
-    projected back onto the ε-ball around the images (L∞: signed steps; L2: normalised
-    steps) and onto [0, 1].
-
-    Args:
-        key: the random start, a uniform draw from the ball (`random_start`).
-        random_init: False starts from the images themselves (then `key` is unused).
-        center: the ball's centre when the images are already a start inside it (as
-            adversarial training draws one per image); None: the images.
-        apply_kwargs: as a dict, or as a tuple of items.
-
-    Returns:
-        The adversarial images, (N, H, W, C) in [0, 1].
-    """
-    _check_norm(norm)
-    check_int("steps", steps, 0)
-    labels = _check_batch(images, labels)
-    if random_init and key is None:
-        raise ValueError("key must be a jax.random.key for PGD's random start, got None "
-                         "(or pass random_init=False)")
-    kwargs = tuple(sorted(dict(apply_kwargs or {}).items()))
-    center = images if center is None else center
-    x = images
-    if random_init:
-        x = jnp.clip(center + random_start(key, center.shape[1:], eps, norm)[None], 0.0, 1.0)
-    for _ in range(steps):
-        x = _pgd_step(variables, x, center, labels, eps, step_size, model=model,
-                      apply_kwargs=kwargs, norm=norm)
-    return x
-
-
-def robust_accuracy(model, variables, images, labels, key, *, epsilons, steps=20,
-                    step_size=None, norm="linf", batch_size=256, apply_kwargs=None,
-                    bar=None) -> Dict[str, list]:
-    """Accuracy under FGSM and under PGD-`steps` at each ε, over batches of `batch_size`.
-
-    Args:
-        epsilons: the radii; 0 gives the clean accuracy.
-        step_size: PGD's step; None is 2.5 ε / steps (Madry et al.'s ratio).
-        bar: a tqdm bar advanced by each batch's images, or None.
-
-    Returns:
-        {'epsilons', 'fgsm', 'pgd'}: lists of accuracies in [0, 1], one per ε.
-    """
-    images = check_images(images, "images")[0]
-    n = images.shape[0]
-    labels = _check_labels(labels, n)
-    _check_norm(norm)
-    check_int("steps", steps, 1)
-    check_int("batch_size", batch_size, 1)
-    for eps in epsilons:
-        _check_budget(eps, step_size=step_size)
-    f = jax.jit(lambda v, x: forward(model, v, apply_kwargs)(x))
-    fgsm_jit = jax.jit(lambda v, x, y, eps: fgsm(model, v, x, y, eps=eps,
-                                                  apply_kwargs=apply_kwargs))
-    correct = {"fgsm": np.zeros(len(epsilons)), "pgd": np.zeros(len(epsilons))}
-    for start in range(0, n, batch_size):
-        x, y = images[start:start + batch_size], labels[start:start + batch_size]
-        for j, eps in enumerate(epsilons):
-            if eps == 0:
-                hits = jnp.sum(jnp.argmax(f(variables, x), -1) == y)
-                correct["fgsm"][j] += hits
-                correct["pgd"][j] += hits
-                continue
-            size = 2.5 * eps / steps if step_size is None else step_size
-            adv = pgd(model, variables, x, y, jax.random.fold_in(key, j), eps=eps,
-                      step_size=size, steps=steps, norm=norm, apply_kwargs=apply_kwargs)
-            correct["pgd"][j] += jnp.sum(jnp.argmax(f(variables, adv), -1) == y)
-            if norm == "linf":
-                adv = fgsm_jit(variables, x, y, eps)
-                correct["fgsm"][j] += jnp.sum(jnp.argmax(f(variables, adv), -1) == y)
-            else:
-                correct["fgsm"][j] = np.nan  # FGSM is an L∞ attack
-        if bar is not None:
-            bar.update(len(x))
-    return {"epsilons": [float(e) for e in epsilons],
-            "fgsm": (correct["fgsm"] / n).tolist(), "pgd": (correct["pgd"] / n).tolist()}
 
 
 # ----------------------------------------------------------------------------------------
 # Explanations as differentiable functions of the images.
+
+
+def differentiable_methods() -> tuple:
+    """The registry's methods whose maps are input gradients of a plain f(x) -> logits,
+    so that an attack can differentiate them on the softplus network."""
+    return tuple(m for m, spec in METHODS.items() if spec.differentiable)
 
 
 def explanation(method, model, variables, *, key=None, beta=None, batch_size=256,
@@ -221,16 +55,16 @@ def explanation(method, model, variables, *, key=None, beta=None, batch_size=256
     Args:
         key: the method's own key, for the sampling methods (the same for every call).
         beta: explain the softplus_β network instead (`xai_models.softplus_relus`), whose
-            maps have non-zero second derivatives; only the methods of
-            `GRADIENT_METHODS`, which explain a plain f(x) -> logits.
+            maps have non-zero second derivatives; only the `differentiable` methods of
+            the registry, which explain a plain f(x) -> logits.
         options: the method's own (checked by `xai_visualizations.check_options`).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
     if beta is not None:
-        if method not in GRADIENT_METHODS:
+        if not METHODS[method].differentiable:
             raise ValueError(f"beta (a softplus network) needs one of the gradient methods "
-                             f"{GRADIENT_METHODS}, got method {method!r}")
+                             f"{differentiable_methods()}, got method {method!r}")
         check_number("beta", beta)
         model, variables = softplus_relus(forward(model, variables, apply_kwargs), beta), None
         apply_kwargs = None
@@ -303,7 +137,7 @@ def random_sign(h, predict, images, targets, key, *, eps, k=100, clean=None) -> 
         h: `explanation(...)` of the real network; predict: images -> classes (N,).
         clean: h(images, targets) when the caller has it already.
     """
-    _check_budget(eps)
+    check_budget(eps)
     clean = h(images, targets) if clean is None else clean
     sign = jnp.where(jax.random.bernoulli(key, 0.5, images.shape[1:]), 1.0, -1.0)
     moved = jnp.clip(images + eps * sign[None], 0.0, 1.0)
@@ -334,7 +168,7 @@ def fragility_attack(h, surrogate, predict, images, targets, *, eps, steps=10,
     Returns:
         Perturbed.
     """
-    _check_budget(eps, steps, step_size)
+    check_budget(eps, steps, step_size)
     check_int("k", k, 1)
     if objective not in ("top_k", "center"):
         raise ValueError(f"objective must be 'top_k' or 'center', got {objective!r}")
@@ -404,7 +238,7 @@ def manipulate(h, surrogate, logits_fn, images, targets, target_maps, *, eps=8 /
         targets: the classes explained (the clean predictions).
         target_maps: (N, H, W) the maps to reach.
     """
-    _check_budget(eps, steps, learning_rate)
+    check_budget(eps, steps, learning_rate)
     check_number("gamma", gamma)
     clean_probs = jax.nn.softmax(logits_fn(images))
     optimiser = _adam(learning_rate)
@@ -439,6 +273,13 @@ def _manipulation_step(x, state, images, targets, target_maps, clean_probs, eps,
     return jnp.clip(images + project(x - images, eps), 0.0, 1.0), state
 
 
+class AdversarialSensitivity(NamedTuple):
+    """What `adversarial_sensitivity` found."""
+
+    found: jax.Array                       # (N,) the largest ratio the search saw
+    monte_carlo: xai_metrics.Sensitivity   # the draws it started from
+
+
 def adversarial_sensitivity(explain_fn, surrogate, images, targets, key, *, radius=0.02,
                             n_samples=10, steps=10, step_size=None, batch_size=256):
     """Max-sensitivity found by PGD on the explanation: from the worst of the Monte Carlo
@@ -447,9 +288,10 @@ def adversarial_sensitivity(explain_fn, surrogate, images, targets, key, *, radi
     `surrogate`), each judged by the real `explain_fn`; the largest ratio seen.
 
     Returns:
-        (adversarial (N,), the Monte Carlo `Sensitivity`); adversarial >= its `max`.
+        AdversarialSensitivity(found (N,), the Monte Carlo `Sensitivity`); found >= its
+        `max`.
     """
-    _check_budget(radius, steps, step_size)
+    check_budget(radius, steps, step_size)
     step_size = 2.5 * radius / steps if step_size is None else step_size
     mc = xai_metrics.sensitivity(explain_fn, images, targets, key, radius=radius,
                                  n_samples=n_samples, batch_size=batch_size)
@@ -461,7 +303,7 @@ def adversarial_sensitivity(explain_fn, surrogate, images, targets, key, *, radi
         delta, best = _sensitivity_step(delta, best, images, targets, base, base_norm,
                                         radius, step_size, explain_fn=explain_fn,
                                         surrogate=surrogate)
-    return best, mc
+    return AdversarialSensitivity(best, mc)
 
 
 @functools.partial(jax.jit, static_argnames=("explain_fn", "surrogate"))
@@ -477,21 +319,30 @@ def _sensitivity_step(delta, best, images, targets, base, base_norm, radius, ste
     return delta, jnp.maximum(best, ratio(explain_fn, delta))
 
 
+class Surrogates(NamedTuple):
+    """An attack's view of a method (`surrogates`)."""
+
+    h: Callable                # (images, targets) -> the real maps
+    surrogate: Callable        # the same, differentiable: what the attack steps on
+    predict: Callable          # images -> the real network's classes
+    logits: Callable           # images -> the real network's logits
+
+
 def surrogates(method, model, variables, *, beta, key=None, batch_size=256,
                apply_kwargs=None, **options):
-    """(h, surrogate, predict, logits_fn) for attacking `method`'s maps: the real
-    explanation, the differentiable one the attack steps on (the softplus_β network for
-    `GRADIENT_METHODS`, else the method itself), and the real network's classes and
-    logits."""
+    """`Surrogates` for attacking `method`'s maps: the real explanation, the
+    differentiable one the attack steps on (the softplus_β network for the registry's
+    `differentiable` methods, else the method itself), and the real network's classes
+    and logits."""
     kwargs = dict(key=key, batch_size=batch_size, apply_kwargs=apply_kwargs, **options)
     h = explanation(method, model, variables, **kwargs)
     smooth = (explanation(method, model, variables, beta=beta, **kwargs)
-              if method in GRADIENT_METHODS else h)
-    return (h, smooth, _predict(model, variables, apply_kwargs),
-            forward(model, variables, apply_kwargs))
+              if METHODS[method].differentiable else h)
+    return Surrogates(h, smooth, _predict(model, variables, apply_kwargs),
+                      forward(model, variables, apply_kwargs))
 
 
-__all__ = ["GRADIENT_METHODS", "Manipulation", "NORMS", "Perturbed", "adversarial_sensitivity",
-           "center_of_mass", "explanation", "fgsm", "fragility_attack", "manipulate",
-           "map_changes", "map_mse", "pgd", "project", "random_sign", "random_start",
-           "robust_accuracy", "shares", "surrogates", "top_k_mask"]
+__all__ = ["AdversarialSensitivity", "Manipulation", "Perturbed", "Surrogates",
+           "adversarial_sensitivity", "differentiable_methods",
+           "center_of_mass", "explanation", "fragility_attack", "manipulate",
+           "map_changes", "map_mse", "random_sign", "shares", "surrogates", "top_k_mask"]

@@ -16,7 +16,8 @@ raw heatmap with its colour bar, next to
     (`evaluate_xai.py`: cascading randomisation, and faithfulness over 1,000 images);
   - the time it took.
 The sidebar's attack panel adds a PGD adversarial image within ε, its prediction, and
-each map of it beside the clean one, with how far the map moved (`adversarial.py`).
+each map of it beside the clean one, with how far the map moved (`xai_attacks.py`,
+`adversarial.py`).
 
 The checkpoint is `$XAI_CHECKPOINT`, else your `cifar10_model.pkl` where it exists, else
 the shipped CNN; the sidebar lists the shipped checkpoints of every architecture too.
@@ -41,10 +42,6 @@ from cifar10_data import CLASS_NAMES
 
 ROOT = Path(__file__).resolve().parent
 EVIDENCE_STEP = 32               # pixels per point of the per-image deletion curve
-# The per-image evidence: measures that hold when pixels are removed (Rong et al. 2022).
-EVIDENCE = (("road_morf", "ROAD AUC, most relevant removed first", "lower"),
-            ("road_lerf", "ROAD AUC, least relevant removed first", "higher"),
-            ("deletion_blur", "Deletion AUC to blur", "lower"))
 MAX_UPLOAD_PIXELS = 40_000_000   # larger uploads are refused before they are decoded
 DISPLAY_SCALE = 6                # 32 px images are shown 192 px wide, pixels kept sharp
 DEFAULT_METHODS = ("gradcam", "saliency")
@@ -149,10 +146,9 @@ def sanity_status(checkpoint, method, options=()):
     """The method's card from an evaluation of this checkpoint, or None.
 
     Looks at `make evaluate`'s output, then the shipped evaluation of the pretrained
-    checkpoint; a report counts only when it evaluated the same file (and, for LRP, the
-    same composite; `options` as (name, value) pairs).
+    checkpoint; a report counts only when it evaluated the same file with the same
+    options (`options` as (name, value) pairs, e.g. LRP's composite).
     """
-    composite = dict(options).get("composite", "epsilon_gamma_box")
     target = Path(checkpoint).resolve()
     for path in evaluation_reports():
         if not path.is_file():
@@ -161,10 +157,9 @@ def sanity_status(checkpoint, method, options=()):
         evaluated = Path(report.get("config", {}).get("checkpoint") or "")
         candidates = {evaluated.resolve(), (ROOT / evaluated).resolve()}
         card = report.get("methods", {}).get(method)
-        evaluated_composite = report.get("config", {}).get("lrp_composite",
-                                                           "epsilon_gamma_box")
-        if method == "lrp" and evaluated_composite != composite:
-            continue
+        parameters = (card or {}).get("parameters", {})
+        if any(parameters.get(name, value) != value for name, value in options):
+            continue  # the card evaluated other options (e.g. another LRP composite)
         if card and target in candidates:
             return {"report": path, "num_images": report["num_images"],
                     "random": report["random_reference"], **card}
@@ -195,8 +190,10 @@ def describe_sanity(card):
             f"{rnd['deletion_auc']:.3f}), insertion AUC {card['insertion_auc']:.3f} "
             f"({'above' if v['insertion_above_random'] else 'not above'} random "
             f"{rnd['insertion_auc']:.3f})"]
+    from xai_metrics import EVIDENCE
+
     words = {"better": "beats", "worse": "loses to", "tie": "ties with"}
-    for key, name, _ in EVIDENCE:
+    for key, (name, _) in EVIDENCE.items():
         key = key if key in stats else key + "_auc"
         if key in stats:
             st, test = stats[key], stats[key]["vs_random"]
@@ -280,11 +277,13 @@ def main():
                                  help="the methods that can explain this model")
         target_name = st.selectbox("Target class", ("predicted",) + CLASS_NAMES, key="target")
         options = {}
-        if "lrp" in methods:
-            from xai_lrp import COMPOSITES
-            options["lrp"] = {"composite": st.selectbox(
-                "LRP composite", tuple(COMPOSITES), key="composite",
-                help="the rule for each layer (docs/api.md#lrp-with-composites-on-any-flax-network)")}
+        for method in methods:  # the options the registry marks `shown`
+            spec = METHODS[method]
+            options[method] = {
+                name: st.selectbox(f"{spec.label} {name}", option.choices,
+                                   index=option.choices.index(option.default),
+                                   key=f"{method}.{name}", help=option.help)
+                for name, option in spec.options.items() if option.shown and option.choices}
         st.header("Attack")
         attack = st.checkbox("Attack the image (PGD, L∞)", key="attack",
                              help="an adversarial image within ε of this one, its "
@@ -368,15 +367,11 @@ def describe_model(checkpoint, mtime):
     return describe_checkpoint(checkpoint)
 
 
-@_cache
-def _jitted_forward(checkpoint, mtime):
-    import jax
-    model, variables = load_model(checkpoint, mtime)
-    return jax.jit(lambda x: jax.nn.softmax(model.apply(variables, x)))
-
-
 def predict(checkpoint, mtime, images):
-    return np.asarray(_jitted_forward(checkpoint, mtime)(images))
+    """Softmax probabilities of float images (`xai_models.predict`)."""
+    from xai_models import predict as predict_batches
+    model, variables = load_model(checkpoint, mtime)
+    return predict_batches(model, variables, images, batch_size=len(images))
 
 
 @_cache
@@ -388,15 +383,19 @@ def load_test_set(data_dir):
 
 @_cache
 def predict_test_set(checkpoint, mtime, data_dir, _bar=None):
-    """Predicted classes of every test image (`demo_xai.predict`, 500 at a time)."""
-    from demo_xai import predict as predict_batches
+    """Predicted classes of every test image (`xai_models.predict`, 500 at a time)."""
+    from xai_models import predict as predict_batches
 
     images, _ = load_test_set(data_dir)
     model, variables = load_model(checkpoint, mtime)
 
-    def progress(done, total):
+    done = [0]
+
+    def progress(size):
+        done[0] += size
         if _bar is not None:
-            _bar.progress(done / total, text=f"predicting the test set: {done:,} / {total:,}")
+            _bar.progress(done[0] / len(images),
+                          text=f"predicting the test set: {done[0]:,} / {len(images):,}")
 
     return predict_batches(model, variables, images, batch_size=500,
                            on_batch=progress).argmax(-1)
@@ -426,21 +425,18 @@ def _compiled_explainers(checkpoint, mtime):
 
 @_cache
 def evidence_fn(checkpoint, mtime):
-    """The evidence for (map, random map) on one image, one compile: ROAD's MoRF and
-    LeRF AUC and the deletion AUC to blur, each (2,)."""
+    """`xai_metrics.evidence` for (map, random map) on one image, one compile: a dict of
+    ROAD's MoRF and LeRF AUC and the deletion AUC to blur, each (2,)."""
     import jax
     import jax.numpy as jnp
 
-    from xai_metrics import deletion_insertion, road
+    from xai_metrics import evidence
     model, variables = load_model(checkpoint, mtime)
 
     def fn(image, maps, target):
         images, targets = jnp.repeat(image[None], 2, 0), jnp.full((2,), target)
-        roads = road(model, variables, images, maps, targets, jax.random.key(0))
-        blur = deletion_insertion(model, variables, images, maps, targets,
-                                  step=EVIDENCE_STEP, deletion_baseline="blur")
-        return {"road_morf": roads["morf_auc"], "road_lerf": roads["lerf_auc"],
-                "deletion_blur": blur["deletion_auc"]}
+        return evidence(model, variables, images, maps, targets, jax.random.key(0),
+                        step=EVIDENCE_STEP)._asdict()
 
     return jax.jit(fn)
 
@@ -504,6 +500,7 @@ def show_prediction(st, image_u8, probs, pred, label, record):
 
 
 def show_method(st, checkpoint, method, image, target, pred, options=None):
+    from xai_metrics import EVIDENCE
     from xai_visualizations import METHODS, normalize_maps
 
     mtime = _mtime(checkpoint)
@@ -529,8 +526,8 @@ def show_method(st, checkpoint, method, image, target, pred, options=None):
     left.pyplot(fig, clear_figure=True)
     lines = [
         *(f"{name} on this image: **{evidence[key][0]:.3f}** (random map "
-          f"{evidence[key][1]:.3f}; {better} is better)"
-          for key, name, better in EVIDENCE),
+          f"{evidence[key][1]:.3f}; {'lower' if lower else 'higher'} is better)"
+          for key, (name, lower) in EVIDENCE.items()),
         *describe_sanity(sanity_status(checkpoint, method, chosen)),
         f"Time: {seconds * 1000:,.0f} ms" + (", including compilation (its first call)"
                                               if compiling else ""),
@@ -546,7 +543,7 @@ def attack_fn(checkpoint, mtime, steps):
     import jax
     import jax.numpy as jnp
 
-    from adversarial import pgd
+    from xai_attacks import pgd
     model, variables = load_model(checkpoint, mtime)
 
     def fn(image, label, eps):

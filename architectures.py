@@ -18,27 +18,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cifar10_cnn_model import CIFAR10_MEAN, CIFAR10_STD, CIFAR10CNN, model_config
+from xai_core import check_batch
 
 
 def standardize(x):
     """(x - mean) / std per channel, with the CIFAR-10 training statistics."""
     return ((x - jnp.reshape(jnp.asarray(CIFAR10_MEAN), (1, 1, 1, 3)))
             / jnp.reshape(jnp.asarray(CIFAR10_STD), (1, 1, 1, 3)))
-
-
-def check_images(x, model: str, multiple: int):
-    """Refuses anything but a float batch (N, H, W, 3) with H and W multiples of
-    `multiple`; reads only the static shape and dtype, so it works under jit."""
-    shape = tuple(getattr(x, "shape", ()))
-    if len(shape) != 4 or shape[-1] != 3 or shape[0] == 0:
-        raise ValueError(f"{model} input x must be a batch of RGB images (N, H, W, 3) with "
-                         f"N >= 1, got shape {shape}")
-    if shape[1] % multiple or shape[2] % multiple or 0 in shape[1:3]:
-        raise ValueError(f"{model} input height and width must be positive multiples of "
-                         f"{multiple}, got {shape[1]}x{shape[2]}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"{model} input x must be float images in [0, 1], got dtype "
-                        f"{x.dtype} (divide uint8 images by 255 first)")
 
 
 def _check_fields(model: str, **rules):
@@ -152,7 +138,7 @@ class ResNet20(nn.Module):
         self.head = nn.Dense(self.num_classes, dtype=self.dtype)
 
     def __call__(self, x, *, train: bool = False):
-        check_images(x, "ResNet20", 4)
+        check_batch(x, "ResNet20 input x", channels=3, multiple=4, floating=True)
         x = self.stem(standardize(x), train=train)
         for stage in self.stages:
             x = stage(x, train=train)
@@ -263,7 +249,7 @@ class ViT(nn.Module):
         self.head = nn.Dense(self.num_classes, dtype=self.dtype)
 
     def __call__(self, x, *, train: bool = False):
-        check_images(x, "ViT", self.patch)
+        check_batch(x, "ViT input x", channels=3, multiple=self.patch, floating=True)
         expected = self.pos_embed.shape[1] - 1
         x = self.patch_embed(standardize(x))
         n, h, w, d = x.shape

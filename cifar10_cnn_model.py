@@ -16,6 +16,8 @@ from typing import Any, Callable, ClassVar, Dict, Optional, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from xai_core import check_batch
+
 # Exact per-channel mean and std of the 50,000 CIFAR-10 training images, on [0, 1].
 CIFAR10_MEAN = (0.4913996, 0.4821584, 0.4465309)
 CIFAR10_STD = (0.2470322, 0.2434851, 0.2615878)
@@ -81,19 +83,8 @@ def check_input(x):
     """Refuses what the network would silently turn into garbage: anything but a float
     batch (N, H, W, 3) with H and W multiples of 8 (three 2x2 poolings). Only the static
     shape and dtype are read, so this also works while tracing under jit."""
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"CIFAR10CNN input x must be an array (N, H, W, 3), got "
-                        f"{type(x).__name__}")
-    shape = tuple(x.shape)
-    if len(shape) != 4 or shape[-1] != 3 or shape[0] == 0:
-        raise ValueError(f"CIFAR10CNN input x must be a batch of RGB images (N, H, W, 3) "
-                         f"with N >= 1, got shape {shape}")
-    if shape[1] % 8 or shape[2] % 8 or shape[1] == 0 or shape[2] == 0:
-        raise ValueError(f"CIFAR10CNN input height and width must be positive multiples of 8 "
-                         f"(three 2x2 poolings), got {shape[1]}x{shape[2]}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"CIFAR10CNN input x must be float images in [0, 1], got dtype "
-                        f"{x.dtype} (divide uint8 images by 255 first)")
+    check_batch(x, "CIFAR10CNN input x", channels=3, multiple=8,
+                why=" (three 2x2 poolings)", floating=True)
 
 
 class CIFAR10CNN(nn.Module):

@@ -10,7 +10,6 @@ Every file is checked (size, shape, label range, checksums where known): a parti
 corrupt data set raises `DataError` naming the file and the fault, never loads silently.
 """
 
-import functools
 import hashlib
 import os
 import pickle
@@ -22,7 +21,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from checkpoints import safe_pickle_load
+from xai_io import safe_pickle_load
 from xai_cache import user_cache_dir
 
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer",
@@ -342,56 +341,3 @@ def split_train_val(images, labels, val_fraction: float = 0.1, seed: int = 0):
     n_val = int(round(len(images) * val_fraction))
     val, train = order[:n_val], order[n_val:]
     return images[train], labels[train], images[val], labels[val]
-
-
-def map_batches(fn, arrays, batch_size: int, *, place=None, on_batch=None, to_host=None):
-    """`fn(*batch)` over fixed-size batches of `arrays` (equal first axes), as numpy.
-
-    The last batch is padded by repeating its first row, so every call has one shape
-    and a jitted `fn` compiles once; the padding is cut from the outputs, which are
-    concatenated along the first axis. Arrays already on a device stay there: each batch
-    is cut by one compiled gather whose offset is an argument (a static slice would
-    compile once per offset). The outputs come back in one transfer at the end, so the
-    calls are dispatched without waiting for each other. `place(batch)` puts a batch on
-    the devices (e.g. `jax.device_put` with a sharding); `on_batch(size)` is called
-    after each batch is dispatched, e.g. a progress bar's `update`. `to_host(outputs)`
-    brings the list of outputs back (default `jax.device_get`).
-    """
-    import jax  # noqa: PLC0415 (the data readers need no JAX)
-
-    n = len(arrays[0])
-    outputs = []
-    for start in range(0, n, batch_size):
-        batch = [_device_batch(a, start, batch_size) if isinstance(a, jax.Array)
-                 else _host_batch(a, start, batch_size) for a in arrays]
-        if place is not None:
-            batch = place(batch)
-        outputs.append(fn(*batch))
-        if on_batch is not None:
-            on_batch(min(batch_size, n - start))
-    outputs = (to_host or jax.device_get)(outputs)
-    return jax.tree.map(lambda *o: np.concatenate(o)[:n], *outputs)
-
-
-def _host_batch(array, start: int, batch_size: int):
-    part = array[start:start + batch_size]
-    if len(part) == batch_size:
-        return part
-    return np.concatenate([part, np.repeat(part[:1], batch_size - len(part), axis=0)])
-
-
-@functools.lru_cache(maxsize=None)
-def _device_batcher(batch_size: int):
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-
-    @jax.jit
-    def take(array, start):
-        rows = start + jnp.arange(batch_size)
-        return array[jnp.where(rows < len(array), rows, start)]  # padding: the first row
-
-    return take
-
-
-def _device_batch(array, start: int, batch_size: int):
-    return _device_batcher(batch_size)(array, start)

@@ -19,7 +19,7 @@ It predicts the first --num-eval test records (default 1,000: the exact ones), t
 import argparse
 import dataclasses
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Tuple
 
 import jax
 import numpy as np
@@ -28,16 +28,22 @@ from tqdm.auto import tqdm
 import cifar10_data
 import xai_cli as cli
 import xai_metrics
+import xai_models
 from checkpoints import (default_checkpoint, describe_checkpoint, load_checkpoint,
                          pretrained_checkpoints)
 from cifar10_data import CLASS_NAMES, EXACT_TEST_RECORDS
 from xai_models import default_layer
-from xai_visualizations import METHODS, Explainer, GradCAM, check_options, normalize_maps, overlay
+from xai_visualizations import (METHODS, Explainer, GradCAM, check_options, normalize_maps,
+                                options_for, overlay, unsupported)
 
-EVIDENCE_STEP = 32  # pixels per point of the detailed figure's deletion/insertion curves
-DETAILED_METHODS = ("gradcam", "gradcam++", "saliency", "smoothgrad", "integrated_gradients",
-                    "lrp", "lime", "kernel_shap")
-COMPARE_METHODS = ("gradcam", "saliency", "integrated_gradients")  # for every network
+EVIDENCE_STEP = 32  # pixels per point of the detailed figure's deletion curve to blur
+
+
+def figure_methods(figure, model=None):
+    """The registry's methods for one of the demo's figures ('detailed' or 'compare',
+    `Method.figures`), in the registry's order; with a model, those that can explain it."""
+    return tuple(m for m, spec in METHODS.items() if figure in spec.figures
+                 and (model is None or not unsupported(m, model)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,31 +56,19 @@ class DemoConfig:
     num_eval: int = EXACT_TEST_RECORDS      # test records predicted for the error analysis
     num_misclassified: int = 6             # rows of the misclassification figure
     num_compare: int = 4                   # images explained on every shipped network
-    smoothgrad_samples: int = 50
-    ig_steps: int = 64                      # Integrated Gradients path points
-    lime_samples: int = 1000                # LIME's and KernelSHAP's perturbations
+    # (method, option, value) over the registry's defaults
+    options: Tuple[Tuple[str, str, Any], ...] = ()
     seed: int = 0                           # picks the images and seeds SmoothGrad
     layer: Optional[str] = None             # GradCAM's layer; default: the model's (conv3)
     quiet: bool = False
 
 
-def predict(model, variables, images, batch_size=250, quiet=False, on_batch=None):
-    """Softmax probabilities (N, 10) for uint8 images, in jitted batches.
-
-    `on_batch(done, total)`, when given, is called after each batch (the explorer's
-    progress bar); otherwise a tqdm bar shows progress unless `quiet`.
-    """
-    forward = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x / 255.0)))
-    done = [0]
-
-    def report(size):
-        done[0] += size
-        on_batch(done[0], len(images))
-
-    with tqdm(total=len(images), desc="predict", disable=quiet or on_batch is not None,
-              leave=False) as bar:
-        return cifar10_data.map_batches(lambda x: forward(variables, x), [images], batch_size,
-                                        on_batch=bar.update if on_batch is None else report)
+def predict(model, variables, images, batch_size=250, quiet=False):
+    """Softmax probabilities (N, 10) for uint8 images (`xai_models.predict`), with a
+    progress bar unless `quiet`."""
+    with tqdm(total=len(images), desc="predict", disable=quiet, leave=False) as bar:
+        return xai_models.predict(model, variables, images, batch_size=batch_size,
+                                  on_batch=bar.update)
 
 
 def _label(i):
@@ -95,32 +89,35 @@ def _heatmap(fig, ax, heatmap, title, **kwargs):
 
 
 def plot_detailed(plt, path, image, label, probs, maps, class_maps, class_targets, evidence):
-    """Original, an overlay and a heatmap per method with its deletion/insertion AUC,
-    top-3 bars and class-specific GradCAM.
+    """Original, an overlay and a heatmap per method with its evidence on this image
+    (`xai_metrics.evidence`, as the explorer shows it), top-3 bars and class-specific
+    GradCAM.
 
-    `evidence` maps each method name, and 'random', to (deletion AUC, insertion AUC) on
-    this image.
+    `evidence` maps each method name, and 'random', to its `xai_metrics.Evidence` on
+    this image; ✗ marks a measure where the map does worse than the random map.
     """
     pred = int(np.argmax(probs))
     fig, axes = plt.subplots(3, len(maps) + 1, figsize=(3.2 * (len(maps) + 1), 10))
     mark = "correct" if pred == label else "WRONG"
     _show(axes[0, 0], image, f"original\ntrue: {_label(label)}, pred: {_label(pred)} "
           f"({probs[pred]:.2f}, {mark})")
-    rand_del, rand_ins = evidence["random"]
+    random = evidence["random"]
+    short = {"road_morf": "MoRF", "road_lerf": "LeRF", "deletion_blur": "del. blur"}
     for k, (name, heatmap) in enumerate(maps.items(), 1):
-        deletion, insertion = evidence[name]
+        worse = xai_metrics.evidence_verdicts(evidence[name], random)
+        scores = ", ".join(f"{short[m]} {float(getattr(evidence[name], m)):.2f}"
+                           f"{' ✗' if worse[m] else ''}" for m in xai_metrics.EVIDENCE)
         _show(axes[0, k], overlay(image, heatmap), f"{name} overlay")
-        _heatmap(fig, axes[1, k], heatmap,
-                 f"{name} heatmap\ndeletion {deletion:.2f}{'' if deletion < rand_del else ' ✗'}"
-                 f", insertion {insertion:.2f}{'' if insertion > rand_ins else ' ✗'}",
-                 vmin=0, vmax=1)
+        _heatmap(fig, axes[1, k], heatmap, f"{name} heatmap\n{scores}", vmin=0, vmax=1)
     for ax in axes[2, len(class_maps):]:
         ax.axis("off")
-    axes[2, -1].text(0, 0.5, f"Evidence on this image: AUC of the\nprobability of "
-                     f"{_label(pred)} as the most\nrelevant pixels are deleted (↓ better)\n"
-                     f"or inserted on a blur (↑ better),\n{EVIDENCE_STEP} px per step.\n"
-                     f"A random map scores\ndeletion {rand_del:.2f}, insertion {rand_ins:.2f};"
-                     f"\n✗ marks a map that does worse.", fontsize=8, va="center")
+    axes[2, -1].text(0, 0.5, f"Evidence on this image, for the\nprobability of "
+                     f"{_label(pred)}: ROAD AUC\nwith the most (MoRF, ↓ better) or\nleast "
+                     f"(LeRF, ↑ better) relevant\npixels imputed; deletion AUC to\na blur "
+                     f"(↓ better), {EVIDENCE_STEP} px per step.\nA random map scores MoRF "
+                     f"{float(random.road_morf):.2f},\nLeRF {float(random.road_lerf):.2f}, "
+                     f"del. blur {float(random.deletion_blur):.2f};\n✗ marks a map that does "
+                     "worse.", fontsize=8, va="center")
     top3 = np.argsort(probs)[::-1][:3]
     axes[1, 0].barh([_label(c) for c in top3][::-1], probs[top3][::-1], color="tab:blue")
     axes[1, 0].set(xlim=(0, 1), title="top-3 probabilities")
@@ -243,11 +240,8 @@ def plot_architectures(plt, path, images, labels, explained, methods):
 
 
 def method_options(config: DemoConfig, method):
-    """The options of `method` that the demo's config sets (by the options' names)."""
-    given = {"layer": config.layer, "steps": config.ig_steps,
-             "n_samples": (config.lime_samples if method in ("lime", "kernel_shap")
-                           else config.smoothgrad_samples)}
-    return {k: v for k, v in given.items() if k in METHODS[method].options}
+    """The options of `method` that the demo's config sets."""
+    return options_for(method, config.options, layer=config.layer)
 
 
 def run_demo(config: DemoConfig, model, variables, data: cifar10_data.Cifar10):
@@ -266,9 +260,9 @@ def run_demo(config: DemoConfig, model, variables, data: cifar10_data.Cifar10):
     out.mkdir(parents=True, exist_ok=True)
     gradcam = GradCAM(model, target_layer=config.layer)
     explainers = {method: Explainer(model, method, **method_options(config, method))
-                  for method in DETAILED_METHODS}
-    evidence_fn = jax.jit(lambda v, x, m, t: xai_metrics.deletion_insertion(
-        model, v, x, m, t, step=EVIDENCE_STEP))
+                  for method in figure_methods("detailed", model)}
+    evidence_fn = jax.jit(lambda v, x, m, t: xai_metrics.evidence(
+        model, v, x, m, t, jax.random.key(config.seed), step=EVIDENCE_STEP))
     rng = np.random.default_rng(config.seed)
     chosen = np.sort(rng.choice(n_eval, size=min(config.num_images, n_eval), replace=False))
     images = test_u8[chosen] / np.float32(255)
@@ -278,21 +272,22 @@ def run_demo(config: DemoConfig, model, variables, data: cifar10_data.Cifar10):
     for k, i in enumerate(tqdm(detailed, desc="detailed", disable=config.quiet,
                                leave=False)):
         image, label = images[k], int(labels[i])
-        maps = {}
+        maps, raws = {}, []
         for method, explainer in explainers.items():
             raw = explainer.explain(params, batch_stats, image, seed=config.seed,
                                     normalize=False)[0]
-            spec = METHODS[method]  # signed maps are shown and ranked by magnitude
+            spec = METHODS[method]  # signed maps are shown by magnitude
             maps[f"|{spec.label}|" if spec.signed else spec.label] = np.asarray(
                 normalize_maps(np.abs(raw) if spec.signed else raw))
+            raws.append(np.asarray(raw))
         random_map = np.random.default_rng((config.seed, k)).uniform(
             size=image.shape[:2]).astype(np.float32)
-        stack = np.stack(list(maps.values()) + [random_map])
-        curves = evidence_fn(variables, np.repeat(image[None], len(stack), 0), stack,
-                             np.full(len(stack), -1, np.int32))
-        evidence = dict(zip(list(maps) + ["random"], zip(
-            np.asarray(curves["deletion_auc"]).tolist(),
-            np.asarray(curves["insertion_auc"]).tolist())))
+        # The evidence ranks the raw maps (signed ones by their sign), as the explorer does.
+        stack = np.stack(raws + [random_map])
+        found = evidence_fn(variables, np.repeat(image[None], len(stack), 0), stack,
+                            np.full(len(stack), -1, np.int32))
+        evidence = {name: xai_metrics.Evidence(*(np.asarray(v)[j] for v in found))
+                    for j, name in enumerate(list(maps) + ["random"])}
         # The top-3 and the true class; the top-4th when the true class is in the top-3,
         # so that every call has the same shape and compiles once.
         ranked = list(np.argsort(probs[i])[::-1])
@@ -328,13 +323,14 @@ def run_demo(config: DemoConfig, model, variables, data: cifar10_data.Cifar10):
     if config.num_compare and len(shipped) > 1:
         networks = {name: load_checkpoint(path) for name, path in shipped.items()}
         compare = images[:config.num_compare]
+        methods = tuple(m for m in figure_methods("compare")
+                        if all(not unsupported(m, net) for net, _ in networks.values()))
         explained = explain_architectures(
-            networks, compare, COMPARE_METHODS,
-            {m: method_options(dataclasses.replace(config, layer=None), m)
-             for m in COMPARE_METHODS})
+            networks, compare, methods,
+            {m: method_options(dataclasses.replace(config, layer=None), m) for m in methods})
         written.append(out / "architectures.png")
         plot_architectures(plt, written[-1], compare, labels[chosen][:config.num_compare],
-                           explained, COMPARE_METHODS)
+                           explained, methods)
     if not config.quiet:
         print(f"accuracy {np.mean(preds == labels):.1%} on the first {n_eval} test records")
     return written
@@ -360,16 +356,17 @@ def parse_args(argv=None) -> DemoConfig:
                             ("num_misclassified", 0, "rows of the misclassification figure"),
                             ("num_compare", 0, "images explained on every shipped network "
                                                "(architectures.png; 0: none)"),
-                            ("smoothgrad_samples", 1, "noisy samples per SmoothGrad map"),
-                            ("ig_steps", 1, "Integrated Gradients path points"),
-                            ("lime_samples", 2, "perturbations per LIME and KernelSHAP map"),
                             ("seed", 0, "picks the images and seeds SmoothGrad, LIME and "
                                         "KernelSHAP")]:
         parser.add_argument("--" + name.replace("_", "-"), type=cli.int_at_least(low),
                             default=getattr(defaults, name),
                             help=f"{text} (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
-    return DemoConfig(**vars(parser.parse_args(argv)))
+    cli.add_method_flags(parser, METHODS)
+    namespace = parser.parse_args(argv)
+    options = cli.method_options(parser, namespace, METHODS)
+    return DemoConfig(**{k: v for k, v in vars(namespace).items() if ":" not in k},
+                      options=options)
 
 
 @cli.entry_point

@@ -10,8 +10,8 @@ Writes into --output-dir:
 - fragility.png: how far each method's map moves against ε, attack and random noise;
 - manipulation.png: one manipulated map (original, target, manipulated, |δ| amplified).
 
-The parts are `adversarial.py`'s: robust accuracy (FGSM, PGD-k, L∞) on the first test
-records; Ghorbani et al.'s fragility attack against random-sign noise of the same ε;
+The parts are `xai_attacks.py`'s and `adversarial.py`'s: robust accuracy (FGSM, PGD-k,
+L∞) on the first test records; Ghorbani et al.'s fragility attack against random-sign noise of the same ε;
 Dombrowski et al.'s manipulation and their β-smoothing defence; and the Monte Carlo and
 adversarial sensitivities of each map (`xai_metrics.sensitivity`,
 `adversarial.adversarial_sensitivity`). Every number comes from --seed.
@@ -22,7 +22,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -31,16 +31,31 @@ from tqdm.auto import tqdm
 
 import adversarial as adv
 import cifar10_data
+import xai_attacks
+import xai_cards
 import xai_cli as cli
-import xai_metrics as xm
 import xai_visualizations as xv
-from checkpoints import atomic_write, default_checkpoint, describe_checkpoint, load_checkpoint
+from checkpoints import default_checkpoint, describe_checkpoint, load_checkpoint
 from cifar10_data import EXACT_TEST_RECORDS
-from xai_models import forward, softplus_relus
+from xai_io import atomic_write
 
 PARTS = ("accuracy", "fragility", "manipulation", "sensitivity")
-# Methods attacked by default: the input-gradient methods, and Grad-CAM beside them.
-DEFAULT_METHODS = adv.GRADIENT_METHODS + ("gradcam",)
+ATTACK_SAMPLES = 16  # each sampled method's `cost` option here, unless given
+
+
+def default_methods() -> tuple:
+    """The methods attacked by default: the input-gradient (`differentiable`) methods,
+    and the methods the demo compares every network on (Grad-CAM) beside them."""
+    return tuple(m for m, spec in xv.METHODS.items()
+                 if spec.differentiable or "compare" in spec.figures)
+
+
+def option_defaults() -> tuple:
+    """(method, option, value) over the registry's defaults: the attacks differentiate
+    through every sample of a map, so each method's sample count (its `cost` option) is
+    `ATTACK_SAMPLES`."""
+    return tuple((m, spec.cost, ATTACK_SAMPLES) for m, spec in xv.METHODS.items()
+                 if spec.cost)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +64,7 @@ class RobustnessConfig:
     data_dir: Optional[str] = None        # default: $CIFAR10_DIR, then tfds, then download
     output_dir: str = "xai_results/robustness"
     parts: Tuple[str, ...] = PARTS
-    methods: Tuple[str, ...] = DEFAULT_METHODS  # attacked and measured
+    methods: Optional[Tuple[str, ...]] = None  # attacked; default: `default_methods()`
     accuracy_images: int = EXACT_TEST_RECORDS  # first test records for the accuracy
     accuracy_epsilons: Tuple[float, ...] = (0, 1, 2, 4, 8)  # in 1/255
     pgd_steps: int = 20
@@ -65,137 +80,22 @@ class RobustnessConfig:
     manipulation_steps: int = 100
     sensitivity_radius: float = 0.02      # the L∞ ball of the sensitivities
     sensitivity_samples: int = 10
-    ig_steps: int = 16
-    smoothgrad_samples: int = 16
+    # (method, option, value) over `option_defaults()`, e.g. the command line's
+    options: Tuple[Tuple[str, str, Any], ...] = ()
     chunk: int = 50                       # images per attacked call (a fixed shape)
     seed: int = 0
+    apply_kwargs: Tuple[Tuple[str, Any], ...] = ()  # to model.apply, e.g. (("train", False),)
     quiet: bool = False
 
-    def options(self, method):
-        given = {"steps": self.ig_steps, "n_samples": self.smoothgrad_samples}
-        return {k: v for k, v in given.items() if k in xv.METHODS[method].options}
+    def method_options(self, method):
+        """The options of `method` that this config sets."""
+        return xv.options_for(method, option_defaults() + self.options)
 
     def batch_size(self):
         """Every sample of a chunk in one call: no loop inside the differentiated maps."""
-        return self.chunk * max(self.ig_steps, self.smoothgrad_samples)
-
-
-class Attacked:
-    """One checkpoint's model, its test images and the attacks' shared settings."""
-
-    def __init__(self, config, model, variables, images, labels):
-        self.config, self.model, self.variables = config, model, variables
-        self.images, self.labels = images, labels
-        logits = jax.jit(forward(model, variables))
-        self.preds = jnp.concatenate([jnp.argmax(logits(images[i:i + config.chunk]), -1)
-                                      for i in range(0, len(images), config.chunk)])
-        self.key = jax.random.key(config.seed)
-
-    def tools(self, method, beta=None):
-        c = self.config
-        return adv.surrogates(method, self.model, self.variables, beta=beta or c.beta,
-                              key=jax.random.fold_in(self.key, 1), batch_size=c.batch_size(),
-                              **c.options(method))
-
-    def chunks(self, n):
-        for start in range(0, n, self.config.chunk):
-            yield slice(start, min(start + self.config.chunk, n))
-
-    def fragility(self, method, bar):
-        c = self.config
-        h, surrogate, predict, _ = self.tools(method)
-        h = jax.jit(h)
-        n = min(c.num_images, len(self.images))
-        runs = {(eps, kind): [] for eps in c.fragility_epsilons for kind in ("random", "attack")}
-        for part in self.chunks(n):
-            x, t = self.images[part], self.preds[part]
-            clean = h(x, t)  # once per chunk, for every ε and both perturbations
-            for eps in c.fragility_epsilons:
-                runs[eps, "random"].append(adv.random_sign(
-                    h, predict, x, t, self.key, eps=eps / 255, k=c.top_k, clean=clean))
-                runs[eps, "attack"].append(adv.fragility_attack(
-                    h, surrogate, predict, x, t, eps=eps / 255, steps=c.attack_steps,
-                    k=c.top_k, clean=clean))
-                bar.update(1)
-        out = {}
-        for eps in c.fragility_epsilons:
-            row, top_k = {}, {}
-            for kind in ("random", "attack"):
-                results = runs[eps, kind]
-                changes = {k: np.concatenate([np.asarray(r.changes[k]) for r in results])
-                           for k in results[0].changes}
-                kept = np.concatenate([np.asarray(r.kept) for r in results])
-                row[kind] = {**{k: float(np.mean(v)) for k, v in changes.items()},
-                             "kept": float(np.mean(kept))}
-                top_k[kind] = changes["top_k"]
-            test = xm.paired_verdict(top_k["attack"], top_k["random"], lower_is_better=True)
-            out[f"{eps:g}"] = {**row, "attack_vs_random": test}
-        return {"num_images": n, "epsilons_255": list(c.fragility_epsilons), "top_k": c.top_k,
-                "attack_steps": c.attack_steps, "beta": c.beta, "by_eps": out}
-
-    def sensitivity(self, method, bar):
-        c = self.config
-        h, surrogate, _, _ = self.tools(method)
-        n = min(c.sensitivity_images, len(self.images))
-        values = {"max": [], "avg": [], "lipschitz": [], "adversarial": []}
-        for part in self.chunks(n):
-            found, mc = adv.adversarial_sensitivity(
-                h, surrogate, self.images[part], self.preds[part], jax.random.fold_in(self.key, 2),
-                radius=c.sensitivity_radius, n_samples=c.sensitivity_samples,
-                steps=c.attack_steps, batch_size=c.batch_size())
-            for name, v in (("max", mc.max), ("avg", mc.avg), ("lipschitz", mc.lipschitz),
-                            ("adversarial", found)):
-                values[name].append(np.asarray(v))
-            bar.update(1)
-        values = {k: np.concatenate(v) for k, v in values.items()}
-        return {"num_images": n, "radius": c.sensitivity_radius,
-                "samples": c.sensitivity_samples,
-                **{k: {"mean": float(np.mean(v)), "median": float(np.median(v))}
-                   for k, v in values.items()},
-                "adversarial_over_max": float(np.median(values["adversarial"]
-                                                        / np.maximum(values["max"], 1e-12)))}
-
-    def manipulation(self, bar):
-        c = self.config
-        method = c.manipulation_method
-        n = min(c.manipulation_images, len(self.images))
-        x_all, t_all = self.images[:n], self.preds[:n]
-        # Each image's target is the map of the next image (of another scene).
-        target_images, target_classes = jnp.roll(x_all, -1, 0), jnp.roll(t_all, -1, 0)
-        result = {"method": method, "num_images": n, "eps_255": 8,
-                  "steps": c.manipulation_steps, "defence_beta": c.defence_beta}
-        example, manipulated, transfer = None, [], []
-        for name, beta in (("standard", c.beta), ("beta_smoothed", c.defence_beta)):
-            h, surrogate, _, logits_fn = self.tools(method, beta)
-            if name == "beta_smoothed":  # the defence explains the softplus network itself
-                h = surrogate
-            h = jax.jit(h)
-            rows = []
-            for i, part in enumerate(self.chunks(n)):
-                x, t = x_all[part], t_all[part]
-                goal = h(target_images[part], target_classes[part])
-                m = adv.manipulate(h, surrogate, logits_fn, x, t, goal, eps=8 / 255,
-                                   steps=c.manipulation_steps)
-                rows.append(m)
-                if name == "standard":
-                    manipulated.append(m.images)
-                    if i == 0:
-                        example = {"image": x[0], "original": h(x, t)[0], "target": goal[0],
-                                   "manipulated": m.maps[0], "adversarial": m.images[0]}
-                else:  # the defence against the attack made for the standard maps
-                    transfer.append(adv.map_mse(h(manipulated[i], t), goal))
-                bar.update(1)
-            result[name] = {k: float(np.mean(np.concatenate([np.asarray(getattr(r, k))
-                                                             for r in rows])))
-                            for k in ("mse_before", "mse_after", "kept")}
-        result["beta_smoothed_transfer"] = {
-            "mse_before": result["beta_smoothed"]["mse_before"],  # the same clean maps
-            "mse_after": float(jnp.mean(jnp.concatenate(transfer)))}
-        smooth_logits = softplus_relus(forward(self.model, self.variables), c.defence_beta)
-        result["beta_smoothed_accuracy"] = float(jnp.mean(
-            jnp.argmax(jax.jit(smooth_logits)(x_all), -1) == self.labels[:n]))
-        result["standard_accuracy"] = float(jnp.mean(self.preds[:n] == self.labels[:n]))
-        return result, example
+        costs = [{**xv.METHODS[m].defaults, **self.method_options(m)}[xv.METHODS[m].cost]
+                 for m in self.methods or default_methods() if xv.METHODS[m].cost]
+        return self.chunk * max(costs, default=1)
 
 
 def run(config: RobustnessConfig, model=None, variables=None, data=None):
@@ -206,8 +106,12 @@ def run(config: RobustnessConfig, model=None, variables=None, data=None):
         model, variables = load_checkpoint(config.checkpoint)
         if not config.quiet:
             print(f"attacking {describe_checkpoint(config.checkpoint)}")
+    kwargs = dict(config.apply_kwargs)
+    if config.methods is None:
+        config = dataclasses.replace(config, methods=default_methods())
     for method in config.methods:
-        xv.check_options(method, model, config.options(method), variables=variables)
+        xv.check_options(method, model, config.method_options(method), variables=variables,
+                         apply_kwargs=kwargs)
     if data is None:
         data = cifar10_data.load_cifar10(config.data_dir)
     n = max(config.accuracy_images if "accuracy" in config.parts else 0,
@@ -215,7 +119,7 @@ def run(config: RobustnessConfig, model=None, variables=None, data=None):
     n = min(n, len(data.test_labels))
     images = jnp.asarray(data.test_images[:n], jnp.float32) / 255.0
     labels = jnp.asarray(data.test_labels[:n])
-    attacked = Attacked(config, model, variables, images, labels)
+    attacked = xai_cards.prepare_attacks(config, model, variables, images, labels, kwargs)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = {"device": cli.describe_device(), "config": dataclasses.asdict(config),
@@ -232,10 +136,10 @@ def run(config: RobustnessConfig, model=None, variables=None, data=None):
         m = min(config.accuracy_images, n)
         with tqdm(total=m, desc="robust accuracy", disable=config.quiet) as bar:
             report["accuracy"] = {"num_images": m, "pgd_steps": config.pgd_steps,
-                                  **adv.robust_accuracy(
+                                  **xai_attacks.robust_accuracy(
                 model, variables, images[:m], labels[:m], jax.random.fold_in(attacked.key, 3),
                 epsilons=[e / 255 for e in config.accuracy_epsilons], steps=config.pgd_steps,
-                batch_size=config.chunk * 4, bar=bar)}
+                batch_size=config.chunk * 4, apply_kwargs=kwargs, bar=bar)}
         report["accuracy"]["epsilons_255"] = list(config.accuracy_epsilons)
         report["seconds"]["accuracy"] = round(time.perf_counter() - start, 1)
         plot_accuracy(out / "accuracy.png", report["accuracy"])
@@ -250,7 +154,8 @@ def run(config: RobustnessConfig, model=None, variables=None, data=None):
         with tqdm(total=steps, desc=part, disable=config.quiet) as bar:
             for method in config.methods:
                 report["methods"].setdefault(method, {"label": xv.METHODS[method].label})
-                report["methods"][method][part] = getattr(attacked, part)(method, bar)
+                report["methods"][method][part] = getattr(xai_cards, part)(
+                    attacked, method, bar)._asdict()
                 save()
         report["seconds"][part] = round(time.perf_counter() - start, 1)
     if "fragility" in config.parts:
@@ -259,7 +164,8 @@ def run(config: RobustnessConfig, model=None, variables=None, data=None):
         start = time.perf_counter()
         chunks = -(-min(config.manipulation_images, n) // config.chunk)
         with tqdm(total=2 * chunks, desc="manipulation", disable=config.quiet) as bar:
-            report["manipulation"], example = attacked.manipulation(bar)
+            found, example = xai_cards.manipulation(attacked, bar)
+            report["manipulation"] = found._asdict()
         report["seconds"]["manipulation"] = round(time.perf_counter() - start, 1)
         plot_manipulation(out / "manipulation.png", example, report["manipulation"])
     save()
@@ -441,12 +347,13 @@ def parse_args(argv=None) -> RobustnessConfig:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     defaults = RobustnessConfig()
     cli.add_input_flags(parser, defaults.output_dir)
+    cli.add_apply_kwargs_flag(parser)
     parser.add_argument("--parts", nargs="+", default=defaults.parts, choices=PARTS,
                         help="default: all")
-    parser.add_argument("--methods", nargs="+", default=defaults.methods,
-                        choices=tuple(xv.METHODS), help="default: %(default)s")
+    parser.add_argument("--methods", nargs="+", default=None, choices=tuple(xv.METHODS),
+                        help=f"default: {' '.join(default_methods())}")
     parser.add_argument("--manipulation-method", default=defaults.manipulation_method,
-                        choices=adv.GRADIENT_METHODS, help="default: %(default)s")
+                        choices=adv.differentiable_methods(), help="default: %(default)s")
     for name in ("accuracy_epsilons", "fragility_epsilons"):
         parser.add_argument("--" + name.replace("_", "-"), nargs="+", type=_nonnegative,
                             default=getattr(defaults, name), help="in 1/255 (default: %(default)s)")
@@ -459,8 +366,6 @@ def parse_args(argv=None) -> RobustnessConfig:
                        ("manipulation_images", "first test records manipulated"),
                        ("manipulation_steps", "Adam steps of the manipulation"),
                        ("sensitivity_samples", "Monte Carlo draws of the sensitivities"),
-                       ("ig_steps", "Integrated Gradients path points"),
-                       ("smoothgrad_samples", "SmoothGrad noisy samples"),
                        ("chunk", "images per attacked call"),
                        ("seed", "seeds every random draw")]:
         parser.add_argument("--" + name.replace("_", "-"),
@@ -474,9 +379,14 @@ def parse_args(argv=None) -> RobustnessConfig:
                             default=getattr(defaults, name),
                             help=f"{text} (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
-    args = vars(parser.parse_args(argv))
+    cli.add_method_flags(parser, xv.METHODS, option_defaults())
+    namespace = parser.parse_args(argv)
+    options = cli.method_options(parser, namespace, xv.METHODS)
+    args = {k: v for k, v in vars(namespace).items() if ":" not in k}
+    args["options"], args["apply_kwargs"] = options, tuple(args["apply_kwargs"])
     for name in ("parts", "methods", "accuracy_epsilons", "fragility_epsilons"):
-        args[name] = tuple(dict.fromkeys(args[name]))
+        if args[name] is not None:
+            args[name] = tuple(dict.fromkeys(args[name]))
     return RobustnessConfig(**args)
 
 

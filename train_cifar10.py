@@ -37,16 +37,18 @@ from flax.training import train_state
 from tqdm.auto import tqdm
 
 import cifar10_data
-import adversarial
+import xai_attacks
 import xai_cli as cli
-# Checkpoints live in their own module; these names stay importable from here too.
-from xai_cli import describe_device  # noqa: F401 (also used by the reports)
-from checkpoints import (PRETRAINED, architecture_record, atomic_write,  # noqa: F401
-                         default_checkpoint, describe_checkpoint, differences,
-                         load_checkpoint, load_state, newest_state, read_state,
-                         save_checkpoint, save_state, shown)
+import xai_core
 from architectures import MODELS
+# save_checkpoint and load_checkpoint are this script's API in the design card (STYLE.md);
+# every other checkpoint name is imported from `checkpoints`.
+from checkpoints import (architecture_record, differences, load_checkpoint,  # noqa: F401
+                         load_state, newest_state, read_state, save_checkpoint, save_state,
+                         shown)
 from cifar10_data import EXACT_TEST_RECORDS
+from xai_cli import describe_device
+from xai_io import atomic_write
 
 # What each recipe sets; flags override only the learning rate.
 RECIPES = {
@@ -250,7 +252,7 @@ def adversarial_batch(state: TrainState, images, labels, key, dropout_key, attac
                               rngs={"dropout": dropout_key})[0]
 
     start = jax.random.uniform(key, images.shape, minval=-eps, maxval=eps)
-    x = adversarial.pgd(logits, None, jnp.clip(images + start, 0.0, 1.0), labels, None,
+    x = xai_attacks.pgd(logits, None, jnp.clip(images + start, 0.0, 1.0), labels, None,
                         eps=eps, step_size=step_size, steps=steps, random_init=False,
                         center=images)
     return jax.lax.stop_gradient(x)
@@ -355,7 +357,7 @@ def evaluate(state, images, labels, batch_size: int, sharding=None):
     """Per-example {'loss', 'correct'} numpy arrays over a whole set, fixed batch shapes;
     each batch is placed with `sharding` when given."""
     if sharding is None:
-        return cifar10_data.map_batches(
+        return xai_core.map_batches(
             lambda x, y: eval_step(state, {"image": x, "label": y}), [images, labels],
             batch_size)
     # Each batch split across the devices, and its outputs left split: the batches are
@@ -365,7 +367,7 @@ def evaluate(state, images, labels, batch_size: int, sharding=None):
     # waiting for a second device that had no thread left. The outputs are gathered
     # once, at the end: on the host, and across processes by `process_allgather`.
     step = _split_eval_step(sharding)
-    return cifar10_data.map_batches(
+    return xai_core.map_batches(
         lambda x, y: step(state, {"image": x, "label": y}), [images, labels], batch_size,
         to_host=_gather_to_host)
 

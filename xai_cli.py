@@ -11,6 +11,7 @@ of any other type is a bug, and keeps its traceback.
 """
 
 import argparse
+import ast
 import functools
 import inspect
 import linecache
@@ -158,6 +159,110 @@ def add_input_flags(parser, output_dir: str):
                         help="CIFAR-10 folder; default: $CIFAR10_DIR, then tfds, then download")
     parser.add_argument("--output-dir", default=output_dir,
                         help="where the files go (default: %(default)s)")
+
+
+def _flag(method: str, option: str) -> str:
+    return "--" + f"{method}-{option}".replace("_", "-").replace("+", "p")
+
+
+def _option_type(default):
+    """argparse's `type` for an option of this default: int, float or str."""
+    if isinstance(default, bool) or not isinstance(default, (int, float, str)):
+        return None
+    return type(default)
+
+
+def add_method_flags(parser, methods, defaults=()):
+    """A flag per option of every registry method, generated from its `Option`s:
+    `--<method>-<option>` (e.g. `--integrated-gradients-steps 16`, `--lrp-composite
+    epsilon_plus_flat`), with the option's choices and help; the layer options are the
+    scripts' shared `--layer`. An option's deprecated `alias` (the scripts' spelling
+    before the registry made the flags, e.g. `--ig-steps`) still works and says so.
+
+    Args:
+        methods: the registry, `xai_visualizations.METHODS` (passed in, so that a script
+            that needs no explainer imports none).
+        defaults: (method, option, value) triples over the registry's defaults for this
+            script (shown by --help, and returned by `method_options` when not given).
+    """
+    group = parser.add_argument_group(
+        "method options", "each method's options (xai_visualizations.METHODS); the "
+        "defaults are the registry's unless this script says otherwise")
+    ours = {(m, o): v for m, o, v in defaults}
+    aliases = {}
+    for method, spec in methods.items():
+        for name, option in spec.options.items():
+            kind = _option_type(option.default)
+            if name == "layer" or kind is None:
+                continue
+            default = ours.get((method, name), option.default)
+            group.add_argument(_flag(method, name), dest=f"option:{method}:{name}",
+                               type=kind, choices=option.choices, default=None,
+                               metavar=None if option.choices else kind.__name__.upper(),
+                               help=f"{spec.label}: {option.help or name} (default: "
+                                    f"{default})")
+            if option.alias:
+                aliases.setdefault(option.alias, (kind, []))[1].append((method, name))
+    for alias, (kind, targets) in aliases.items():
+        group.add_argument("--" + alias, dest=f"alias:{alias}", type=kind, default=None,
+                           metavar=kind.__name__.upper(),
+                           help="deprecated: " + ", ".join(_flag(m, o) for m, o in targets))
+
+
+def method_options(parser, args, methods, defaults=(), image_shape=(32, 32, 3)) -> tuple:
+    """The (method, option, value) triples that `args` (from `add_method_flags`) and the
+    script's `defaults` set, each checked by its `Option` and by its method's `limits`
+    for images of `image_shape`; a bad value is a `parser.error` naming the flag. A
+    deprecated alias prints a line to stderr, and yields to the new flag where both are
+    given."""
+    given = {(m, o): v for m, o, v in defaults}
+    flags = vars(args)
+    for dest, value in flags.items():
+        if dest.startswith("alias:") and value is not None:
+            alias = dest.split(":", 1)[1]
+            targets = [(m, o) for m, spec in methods.items()
+                       for o, option in spec.options.items() if option.alias == alias]
+            print(f"{parser.prog}: --{alias} is deprecated; use "
+                  f"{' and '.join(_flag(m, o) for m, o in targets)}", file=sys.stderr)
+            given.update(dict.fromkeys(targets, value))
+    for dest, value in flags.items():
+        if dest.startswith("option:") and value is not None:
+            _, method, name = dest.split(":")
+            given[(method, name)] = value
+    for (method, name), value in given.items():
+        try:
+            given[(method, name)] = methods[method].options[name].check(name, value)
+        except (ValueError, TypeError) as e:
+            parser.error(f"{_flag(method, name)}: {e}")
+    for method in dict.fromkeys(m for m, _ in given):
+        spec = methods[method]
+        options = {**spec.defaults, **{o: v for (m, o), v in given.items() if m == method}}
+        why = spec.limits(options, image_shape) if spec.limits else None
+        if why:  # the message starts with the option's name
+            parser.error(f"{_flag(method, why.split()[0])}: {why}")
+    return tuple((m, o, v) for (m, o), v in given.items())
+
+
+def _keyword(text):
+    """`name=value` -> (name, value), the value a Python literal (False, 0.5, 'x')."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"must be name=value, e.g. train=False, got {text!r}")
+    try:
+        return name, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        raise argparse.ArgumentTypeError(
+            f"the value of {name} must be a Python literal (False, 0.5, 'text'), got "
+            f"{value!r}") from None
+
+
+def add_apply_kwargs_flag(parser):
+    """--apply-kwargs name=value ...: what the model's `apply` needs beside the images
+    (e.g. train=False), as the explainers' and metrics' `apply_kwargs`."""
+    parser.add_argument("--apply-kwargs", nargs="+", type=_keyword, default=(),
+                        metavar="NAME=VALUE",
+                        help="passed to model.apply with the images, e.g. train=False "
+                             "(default: none)")
 
 
 def check_writable(path, name: str, *, folder: bool = False):

@@ -37,7 +37,7 @@ Shapes: images (N, H, W, C); relevance at the image (N, H, W, C).
 """
 
 import functools
-from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -471,51 +471,12 @@ class _Run:
         for i, eqn in enumerate(jaxpr.eqns):
             deps = [_is_var(v) and v in dep for v in eqn.invars]
             values = [read(v) for v in eqn.invars]
-            name = eqn.primitive.name
             if i in tails or not any(deps) or not any(_float(v) for v in eqn.outvars):
-                outs = bind(eqn, values)
-            elif name in ("conv_general_dilated", "dot_general"):
-                group = self.linear(jaxpr, i, eqn, deps, values, dep, consumers, outputs,
-                                    prefix)
-                groups[group["end"]] = group
-                tails.update(group["tail_index"])
-                outs = bind(eqn, values)
-            elif _activation_name(eqn) is not None:
-                outs = bind(eqn, values)
-                x = values[deps.index(True)]
-                if sum(deps) != 1 or len(outs) != 1 or jnp.shape(x) != jnp.shape(outs[0]):
-                    raise self.refuse(eqn, prefix, "is an activation of several inputs")
-                outs = [_gate(_passing, (x,), outs[0])]
-            elif name in CALLS and _inner(eqn) is not None:
-                inner, inner_consts = closed(_inner(eqn))
-                outs = self.run(inner, inner_consts, values, deps,
-                                prefix + "/" + str(eqn.source_info.name_stack))
-            elif name in _SUMS and (name not in ("add", "sub") or all(deps)):
-                outs = bind(eqn, values)
-                group = self.sum(jaxpr, eqn, deps, values, dep, consumers, outputs, read)
-                if group["tail_index"]:  # gated at the end of its scaling
-                    tails.update(group["tail_index"])
-                    groups[group["end"]] = group
-                else:
-                    outs = [self.gate(group, outs[0], read)]
-            elif name == "reduce_max" and len(eqn.invars) == 1:
-                outs = bind(eqn, values)
-                outs = [_gate(_winner_takes_all(tuple(eqn.params["axes"])), (values[0],),
-                              outs[0])]
-            elif name in _WITH_CONSTANT or name in ("neg", "convert_element_type"):
-                if sum(deps) != 1:
-                    raise self.refuse(eqn, prefix, "multiplies or divides two activations")
-                if name == "div" and not deps[0]:
-                    raise self.refuse(eqn, prefix, "divides by an activation")
-                outs = bind(eqn, values)
-                x = values[deps.index(True)]
-                if jnp.shape(x) != jnp.shape(outs[0]):
-                    raise self.refuse(eqn, prefix, "broadcasts an activation")
-                outs = [_gate(_passing, (x,), outs[0])]
-            elif name in _ROUTING:
-                outs = bind(eqn, values)
+                outs = bind(eqn, values)  # constant, or inside a merged linear layer
             else:
-                raise self.refuse(eqn, prefix, "has no LRP rule")
+                rule = _RULES.get(eqn.primitive.name, _Run.unknown)
+                outs = rule(self, _Step(jaxpr, i, eqn, deps, values, dep, consumers, outputs,
+                                        prefix, read, groups, tails))
             for v, value in zip(eqn.outvars, outs):
                 if isinstance(v, jex.DropVar):
                     continue
@@ -534,6 +495,85 @@ class _Run:
                                 f"{where}: it {why}. LRP here explains networks of "
                                 "convolutions, Dense layers, BatchNorm, activations, "
                                 "pooling and residual sums")
+
+    # The rules, one per primitive (`_RULES`): each takes a `_Step` and returns the
+    # equation's outputs, gated with their relevance rule for the backward pass.
+
+    def unknown(self, step):
+        raise self.refuse(step.eqn, step.prefix, "has no LRP rule")
+
+    def linear_rule(self, step):
+        """A convolution or x @ W, with the affine tail merged into it (BatchNorm)."""
+        group = self.linear(step.jaxpr, step.i, step.eqn, step.deps, step.values, step.dep,
+                            step.consumers, step.outputs, step.prefix)
+        step.groups[group["end"]] = group
+        step.tails.update(group["tail_index"])
+        return bind(step.eqn, step.values)
+
+    def activation_rule(self, step):
+        """An elementwise activation passes relevance unchanged (the identity rule)."""
+        eqn, deps = step.eqn, step.deps
+        outs = bind(eqn, step.values)
+        x = step.values[deps.index(True)]
+        if sum(deps) != 1 or len(outs) != 1 or jnp.shape(x) != jnp.shape(outs[0]):
+            raise self.refuse(eqn, step.prefix, "is an activation of several inputs")
+        return [_gate(_passing, (x,), outs[0])]
+
+    def call_rule(self, step):
+        """A named activation (jax.nn.relu), else the called program, interpreted."""
+        if _activation_name(step.eqn) is not None:
+            return self.activation_rule(step)
+        if _inner(step.eqn) is None:
+            return self.unknown(step)
+        inner, inner_consts = closed(_inner(step.eqn))
+        return self.run(inner, inner_consts, step.values, step.deps,
+                        step.prefix + "/" + str(step.eqn.source_info.name_stack))
+
+    def max_rule(self, step):
+        """max(x, 0) is a ReLU; any other max routes relevance to where it came from."""
+        if _activation_name(step.eqn) is not None:
+            return self.activation_rule(step)
+        return bind(step.eqn, step.values)
+
+    def sum_rule(self, step):
+        """A sum of activations, with the constant scalings after it merged."""
+        outs = bind(step.eqn, step.values)
+        group = self.sum(step.jaxpr, step.eqn, step.deps, step.values, step.dep,
+                         step.consumers, step.outputs, step.read)
+        if group["tail_index"]:  # gated at the end of its scaling
+            step.tails.update(group["tail_index"])
+            step.groups[group["end"]] = group
+            return outs
+        return [self.gate(group, outs[0], step.read)]
+
+    def add_rule(self, step):
+        """Two activations added are a sum; an activation plus a constant, a shift."""
+        return (self.sum_rule if all(step.deps) else self.constant_rule)(step)
+
+    def reduce_max_rule(self, step):
+        """Max pooling: the winner takes all."""
+        if len(step.eqn.invars) != 1:
+            return bind(step.eqn, step.values)
+        outs = bind(step.eqn, step.values)
+        return [_gate(_winner_takes_all(tuple(step.eqn.params["axes"])), (step.values[0],),
+                      outs[0])]
+
+    def constant_rule(self, step):
+        """An activation with a constant (added, multiplied, divided by, a cast): R passes."""
+        eqn, deps, name = step.eqn, step.deps, step.eqn.primitive.name
+        if sum(deps) != 1:
+            raise self.refuse(eqn, step.prefix, "multiplies or divides two activations")
+        if name == "div" and not deps[0]:
+            raise self.refuse(eqn, step.prefix, "divides by an activation")
+        outs = bind(eqn, step.values)
+        x = step.values[deps.index(True)]
+        if jnp.shape(x) != jnp.shape(outs[0]):
+            raise self.refuse(eqn, step.prefix, "broadcasts an activation")
+        return [_gate(_passing, (x,), outs[0])]
+
+    def routing_rule(self, step):
+        """Reshapes, slices, gathers and selections move relevance with the values."""
+        return bind(step.eqn, step.values)
 
     def linear(self, jaxpr, i, eqn, deps, values, dep, consumers, outputs, prefix):
         """A linear layer: its weights, its merged affine tail and its rule."""
@@ -662,6 +702,36 @@ class _Run:
         if self.taps is not None:
             out = out + tap_out
         return out
+
+
+class _Step(NamedTuple):
+    """One equation under interpretation, and the state of its program's run."""
+
+    jaxpr: Any
+    i: int                           # the equation's index
+    eqn: Any
+    deps: list                       # which inputs depend on the image
+    values: list
+    dep: set                         # every variable that depends on the image
+    consumers: dict                  # variable -> indices of the equations that read it
+    outputs: set                     # the program's outputs
+    prefix: str                      # the module path of the enclosing call
+    read: Callable
+    groups: dict                     # last variable of a layer's tail -> the layer
+    tails: set                       # equations merged into a layer: run as they are
+
+
+# The rule for each primitive. A primitive not here is refused by name.
+_RULES = {
+    "conv_general_dilated": _Run.linear_rule, "dot_general": _Run.linear_rule,
+    **dict.fromkeys(_ELEMENTWISE_ACTIVATIONS, _Run.activation_rule),
+    **dict.fromkeys(CALLS, _Run.call_rule),
+    **dict.fromkeys(_ROUTING, _Run.routing_rule),
+    "max": _Run.max_rule, "reduce_max": _Run.reduce_max_rule,
+    "add": _Run.add_rule, "sub": _Run.add_rule,
+    **dict.fromkeys(_SUMS - {"add", "sub"}, _Run.sum_rule),
+    **dict.fromkeys(("mul", "div", "neg", "convert_element_type"), _Run.constant_rule),
+}
 
 
 def _per_channel(shape, out_shape, axis):

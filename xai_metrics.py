@@ -16,7 +16,11 @@
   (`sensitivity`); `adversarial.py` searches the same ball by PGD.
 
 Maps are (N, H, W), images float (N, H, W, C) in [0, 1], targets int (N,). Everything
-here is a pure, jittable function; `evaluate_xai.py` runs it over the test set.
+here is a pure, jittable function; `evaluate_xai.py` runs it over the test set. A metric
+runs the model as the explainers do, `xai_models.forward(model, variables, apply_kwargs)`:
+a linen Module with its variables (and `apply_kwargs` such as {"train": False}), or a
+plain function f(x) -> logits with None for the variables. The randomisation cascade
+needs parameters to re-initialise, so it takes linen models only.
 """
 
 from typing import Dict, List, NamedTuple, Tuple
@@ -27,7 +31,9 @@ import numpy as np
 
 from flax import traverse_util
 
-from xai_visualizations import check_int, check_number, map_pairs, normalize_maps, resolve_targets
+from xai_core import (check_array, check_batch, check_int, check_number, gaussian_blur,
+                      map_pairs, normalize_maps, resolve_targets)
+from xai_models import forward
 
 BASELINES = ("zero", "blur", "mean")
 
@@ -38,28 +44,25 @@ BASELINES = ("zero", "blur", "mean")
 # was given.
 
 
-def _shape(name, x):
-    if not hasattr(x, "shape"):
-        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
-    return tuple(x.shape)
-
-
-def _check_images(images, name="images"):
-    shape = _shape(name, images)
-    if len(shape) != 4 or shape[0] == 0:
-        raise ValueError(f"{name} must be a batch (N, H, W, C) with N >= 1, got shape {shape}")
-    return shape
-
-
 def _check_maps(maps, images_shape, name="maps"):
-    shape = _shape(name, maps)
+    shape = check_array(name, maps)
     if shape != images_shape[:3]:
         raise ValueError(f"{name} must be (N, H, W) = {images_shape[:3]} to match the "
                          f"images, got shape {shape}")
 
 
+def _check_explained(images, maps, targets):
+    """(N, H, W) of images (N, H, W, C) with their maps (N, H, W) and one target each."""
+    n, h, w, _ = check_batch(images)
+    _check_maps(maps, images.shape)
+    if check_array("targets", targets) != (n,):
+        raise ValueError(f"targets must be one class per image, shape ({n},), got shape "
+                         f"{tuple(targets.shape)}")
+    return n, h, w
+
+
 def _check_pair(a, b, names=("a", "b")):
-    shape_a, shape_b = _shape(names[0], a), _shape(names[1], b)
+    shape_a, shape_b = check_array(names[0], a), check_array(names[1], b)
     if len(shape_a) < 2 or shape_a != shape_b:
         raise ValueError(f"{names[0]} and {names[1]} must be maps (..., H, W) of the same "
                          f"shape, got {shape_a} and {shape_b}")
@@ -69,28 +72,6 @@ def _check_pair(a, b, names=("a", "b")):
 
 # ----------------------------------------------------------------------------------------
 # Faithfulness.
-
-
-def gaussian_blur(images, sigma=5.0, size=11):
-    """Each channel blurred with a size × size Gaussian of std `sigma` (edges repeated),
-    Petsiuk et al.'s insertion start."""
-    _check_images(images)
-    if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not sigma > 0:
-        raise ValueError(f"sigma must be a number > 0, got {sigma!r}")
-    check_int("size", size, 1)
-    if size % 2 == 0:
-        raise ValueError(f"size must be odd, got {size}")
-    radius = size // 2
-    taps = jnp.exp(-0.5 * (jnp.arange(-radius, radius + 1) / sigma) ** 2)
-    taps = taps / jnp.sum(taps)
-    channels = images.shape[-1]
-    padded = jnp.pad(images, ((0, 0), (radius, radius), (radius, radius), (0, 0)), mode="edge")
-    out = padded
-    for kernel in (taps.reshape(size, 1, 1, 1), taps.reshape(1, size, 1, 1)):
-        out = jax.lax.conv_general_dilated(
-            out, jnp.tile(kernel, (1, 1, 1, channels)).astype(images.dtype), (1, 1), "VALID",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
-    return out
 
 
 def baseline_images(images, kind):
@@ -120,7 +101,8 @@ def curve_fractions(pixels, step):
 
 
 def deletion_insertion(model, variables, images, maps, targets, *, step=32,
-                       deletion_baseline="zero", insertion_baseline="blur", batch_size=1024):
+                       deletion_baseline="zero", insertion_baseline="blur", batch_size=1024,
+                       apply_kwargs=None):
     """Deletion and insertion curves of the target's softmax probability, and their AUC.
 
     At point k the k · `step` most relevant pixels (all channels) are replaced by the
@@ -137,11 +119,7 @@ def deletion_insertion(model, variables, images, maps, targets, *, step=32,
         {'fractions' (P,), 'deletion' (N, P), 'insertion' (N, P), 'deletion_auc' (N,),
         'insertion_auc' (N,)}.
     """
-    n, h, w, _ = _check_images(images)
-    _check_maps(maps, images.shape)
-    if _shape("targets", targets) != (n,):
-        raise ValueError(f"targets must be one class per image, shape ({n},), got shape "
-                         f"{tuple(targets.shape)}")
+    n, h, w = _check_explained(images, maps, targets)
     check_int("step", step, 1)
     check_int("batch_size", batch_size, 1)
     for name, kind in (("deletion_baseline", deletion_baseline),
@@ -153,13 +131,14 @@ def deletion_insertion(model, variables, images, maps, targets, *, step=32,
     ranks = pixel_ranks(maps)
     removed = baseline_images(images, deletion_baseline)
     start = baseline_images(images, insertion_baseline)
-    targets = resolve_targets(model.apply(variables, images), targets)
+    f = forward(model, variables, apply_kwargs)
+    targets = resolve_targets(f(images), targets)
 
     def probabilities(k, i):
         top = (ranks[i] < counts[k][:, None, None])[..., None]
         both = jnp.concatenate([jnp.where(top, removed[i], images[i]),
                                 jnp.where(top, images[i], start[i])])
-        probs = jax.nn.softmax(model.apply(variables, both).astype(jnp.float32))
+        probs = jax.nn.softmax(f(both).astype(jnp.float32))
         p = jnp.take_along_axis(probs, jnp.tile(targets[i], 2)[:, None], axis=-1)[:, 0]
         return p.reshape(2, -1).T  # (B, 2): deletion, insertion
 
@@ -218,8 +197,8 @@ def road_impute(images, removed, key, *, noise=0.01, tol=1e-6, maxiter=None):
     Returns:
         (N, H, W, C) imputed images (unclipped).
     """
-    n, h, w, c = _check_images(images)
-    if _shape("removed", removed) != (n, h, w):
+    n, h, w, c = check_batch(images)
+    if check_array("removed", removed) != (n, h, w):
         raise ValueError(f"removed must be a (N, H, W) = {(n, h, w)} mask of the images' "
                          f"pixels, got shape {tuple(removed.shape)}")
     if not jnp.issubdtype(removed.dtype, jnp.bool_):
@@ -258,7 +237,7 @@ def linear_impute(images, removed, *, tol=1e-6, maxiter=None):
 
 
 def road(model, variables, images, maps, targets, key, *, fractions=ROAD_FRACTIONS,
-         noise=0.01, batch_size=1024):
+         noise=0.01, batch_size=1024, apply_kwargs=None):
     """ROAD curves (Rong et al. 2022): the target's softmax probability once a fraction
     of the pixels is removed and imputed by `road_impute`, most relevant first (MoRF: a
     faithful map makes it fall fast, a low AUC) and least relevant first (LeRF: it
@@ -280,11 +259,7 @@ def road(model, variables, images, maps, targets, key, *, fractions=ROAD_FRACTIO
         the prediction is still the target (the paper's accuracy curves, averaged over
         images); the AUC is the trapezoid area over the fractions, divided by their span.
     """
-    n, h, w, _ = _check_images(images)
-    _check_maps(maps, images.shape)
-    if _shape("targets", targets) != (n,):
-        raise ValueError(f"targets must be one class per image, shape ({n},), got shape "
-                         f"{tuple(targets.shape)}")
+    n, h, w = _check_explained(images, maps, targets)
     fractions = tuple(fractions)
     if not fractions or not all(isinstance(f, (int, float)) and 0 < f < 1 for f in fractions):
         raise ValueError(f"fractions must be numbers in (0, 1), got {fractions!r}")
@@ -296,7 +271,8 @@ def road(model, variables, images, maps, targets, key, *, fractions=ROAD_FRACTIO
     fields = noise * jax.vmap(lambda k: jax.random.normal(k, (2, h, w, images.shape[-1]),
                                                           images.dtype))(
         jax.vmap(lambda k: jax.random.fold_in(key, k))(jnp.arange(len(fractions))))
-    targets = resolve_targets(model.apply(variables, images), targets)
+    f = forward(model, variables, apply_kwargs)
+    targets = resolve_targets(f(images), targets)
 
     def scores(k, i):
         morf = ranks[i] < counts[k][:, None, None]
@@ -304,7 +280,7 @@ def road(model, variables, images, maps, targets, key, *, fractions=ROAD_FRACTIO
         imputed = jnp.concatenate([
             linear_impute(images[i], morf) + noise_on(morf, fields[k, 0]),
             linear_impute(images[i], lerf) + noise_on(lerf, fields[k, 1])])
-        logits = model.apply(variables, imputed).astype(jnp.float32)
+        logits = f(imputed).astype(jnp.float32)
         t = jnp.tile(targets[i], 2)
         p = jnp.take_along_axis(jax.nn.softmax(logits), t[:, None], axis=-1)[:, 0]
         correct = (jnp.argmax(logits, axis=-1) == t).astype(jnp.float32)
@@ -318,6 +294,44 @@ def road(model, variables, images, maps, targets, key, *, fractions=ROAD_FRACTIO
             **{f"{k}_auc": jnp.trapezoid(v, jnp.broadcast_to(x, v.shape), axis=-1) / span
                for k, v in curves.items()},
             "morf_correct": out[:, :, 0, 1].T > 0.5, "lerf_correct": out[:, :, 1, 1].T > 0.5}
+
+
+class Evidence(NamedTuple):
+    """One map's evidence on its own image, each (N,): what the demo's detailed figure
+    and the explorer show beside every heatmap (`EVIDENCE` names each field)."""
+
+    road_morf: jax.Array
+    road_lerf: jax.Array
+    deletion_blur: jax.Array
+
+
+# Each field of `Evidence`: its label, and whether lower is better. These measures hold
+# when pixels are removed (Rong et al. 2022): ROAD imputes them from their neighbours, and
+# deletion to a blur leaves no black holes, which misjudge maps (docs/evaluating.md).
+EVIDENCE = {"road_morf": ("ROAD AUC, most relevant removed first", True),
+            "road_lerf": ("ROAD AUC, least relevant removed first", False),
+            "deletion_blur": ("Deletion AUC to blur", True)}
+
+
+def evidence(model, variables, images, maps, targets, key, *, step=32, batch_size=1024,
+             apply_kwargs=None) -> Evidence:
+    """Per-image evidence for `maps` (N, H, W) (raw values; higher = more relevant):
+    ROAD's MoRF and LeRF AUC (`road`, imputation noise from `key`) and the deletion AUC
+    to a blur (`deletion_insertion`, `step` pixels per point). Compare it with a random
+    map's on the same image (`evidence_verdicts`)."""
+    roads = road(model, variables, images, maps, targets, key, batch_size=batch_size,
+                 apply_kwargs=apply_kwargs)
+    blur = deletion_insertion(model, variables, images, maps, targets, step=step,
+                              deletion_baseline="blur", batch_size=batch_size,
+                              apply_kwargs=apply_kwargs)
+    return Evidence(roads["morf_auc"], roads["lerf_auc"], blur["deletion_auc"])
+
+
+def evidence_verdicts(found: Evidence, random: Evidence) -> Dict[str, np.ndarray]:
+    """{field: bool (N,)}: where a map's evidence is worse than the random map's."""
+    return {name: (np.asarray(getattr(found, name)) > np.asarray(getattr(random, name)))
+            if lower else (np.asarray(getattr(found, name)) < np.asarray(getattr(random, name)))
+            for name, (_, lower) in EVIDENCE.items()}
 
 
 def random_maps(key, shape):
@@ -334,15 +348,15 @@ def random_maps(key, shape):
 # per key and shared by every image, so an image's score never depends on its batch-mates.
 
 
-def _target_logits(model, variables, images, targets):
-    """(N,) logits of `targets` (int (N,))."""
-    logits = model.apply(variables, images).astype(jnp.float32)
+def _target_logits(f, images, targets):
+    """(N,) logits of `targets` (int (N,)) of `f(images)`."""
+    logits = f(images).astype(jnp.float32)
     return jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
 
 
 def faithfulness_correlation(model, variables, images, maps, targets, key, *,
                              subset_size=102, n_subsets=100, baseline="zero",
-                             batch_size=1024):
+                             batch_size=1024, apply_kwargs=None):
     """Faithfulness correlation (Bhatt et al., IJCAI 2020): the Pearson correlation,
     over `n_subsets` random subsets S of `subset_size` pixels, between the relevance a
     map gives S, Σ_{i∈S} φ_i, and the drop of the target's logit when S is set to the
@@ -359,7 +373,7 @@ def faithfulness_correlation(model, variables, images, maps, targets, key, *,
     Returns:
         (N,) correlations in [−1, 1] (0 where either side is constant).
     """
-    n, h, w, _ = _check_images(images)
+    n, h, w, _ = check_batch(images)
     _check_maps(maps, images.shape)
     check_int("subset_size", subset_size, 1)
     check_int("n_subsets", n_subsets, 2)
@@ -367,8 +381,9 @@ def faithfulness_correlation(model, variables, images, maps, targets, key, *,
         raise ValueError(f"subset_size must be at most the {h * w} pixels, got {subset_size}")
     check_int("batch_size", batch_size, 1)
     removed_to = baseline_images(images, baseline)
-    targets = resolve_targets(model.apply(variables, images), targets)
-    full = _target_logits(model, variables, images, targets)
+    f = forward(model, variables, apply_kwargs)
+    targets = resolve_targets(f(images), targets)
+    full = _target_logits(f, images, targets)
     subsets = jax.vmap(lambda k: jax.random.permutation(k, h * w)[:subset_size])(
         jax.random.split(key, n_subsets))
     masks = jnp.zeros((n_subsets, h * w), bool).at[
@@ -376,7 +391,7 @@ def faithfulness_correlation(model, variables, images, maps, targets, key, *,
 
     def drop(s, i):
         cut = jnp.where(masks[s][..., None], removed_to[i], images[i])
-        return full[i] - _target_logits(model, variables, cut, targets[i])
+        return full[i] - _target_logits(f, cut, targets[i])
 
     drops = map_pairs(drop, n, n_subsets, batch_size, total=False).T  # (N, S)
     relevance = jnp.einsum("nhw,shw->ns", maps.astype(jnp.float32), masks.astype(jnp.float32))
@@ -392,7 +407,8 @@ def pearson(a, b):
 
 
 def infidelity(model, variables, images, attributions, targets, key, *, n_perturbations=50,
-               noise=0.1, multiply_by_inputs=False, normalize=False, batch_size=1024):
+               noise=0.1, multiply_by_inputs=False, normalize=False, batch_size=1024,
+               apply_kwargs=None):
     """Infidelity (Yeh et al., NeurIPS 2019): E_I[(Iᵀφ − (f(x) − f(x − I)))²] over
     Gaussian perturbations I ~ N(0, noise²), f the target's logit. Lower is better.
 
@@ -411,8 +427,8 @@ def infidelity(model, variables, images, attributions, targets, key, *, n_pertur
     Returns:
         (N,) infidelity.
     """
-    n, h, w, c = _check_images(images)
-    shape = _shape("attributions", attributions)
+    n, h, w, c = check_batch(images)
+    shape = check_array("attributions", attributions)
     if shape not in ((n, h, w), (n, h, w, c)):
         raise ValueError(f"attributions must be (N, H, W) = {(n, h, w)} or (N, H, W, C) = "
                          f"{(n, h, w, c)} to match the images, got shape {shape}")
@@ -423,8 +439,9 @@ def infidelity(model, variables, images, attributions, targets, key, *, n_pertur
     check_int("n_perturbations", n_perturbations, 1)
     check_number("noise", noise)
     check_int("batch_size", batch_size, 1)
-    targets = resolve_targets(model.apply(variables, images), targets)
-    full = _target_logits(model, variables, images, targets)
+    f = forward(model, variables, apply_kwargs)
+    targets = resolve_targets(f(images), targets)
+    full = _target_logits(f, images, targets)
     draws = noise * jax.random.normal(key, (n_perturbations, h, w, 1 if per_pixel else c))
     perturbations = jnp.broadcast_to(draws, (n_perturbations, h, w, c))
     phi = attributions.astype(jnp.float32)
@@ -437,7 +454,7 @@ def infidelity(model, variables, images, attributions, targets, key, *, n_pertur
             scale = (jnp.where(images[i] != 0, pert / jnp.where(images[i] != 0, images[i], 1), 0)
                      if multiply_by_inputs else pert)
             paired = jnp.sum(scale * phi[i], axis=(1, 2, 3))
-        drop = full[i] - _target_logits(model, variables, images[i] - pert, targets[i])
+        drop = full[i] - _target_logits(f, images[i] - pert, targets[i])
         return jnp.stack([paired, drop], -1)
 
     paired, drop = jnp.moveaxis(map_pairs(error, n, n_perturbations, batch_size,
@@ -484,7 +501,7 @@ def sensitivity(explain_fn, images, targets, key, *, radius=0.02, n_samples=10,
     Returns:
         Sensitivity of (N,) values, and the worst draw per image.
     """
-    n = _check_images(images)[0]
+    n = check_batch(images)[0]
     check_number("radius", radius)
     check_int("n_samples", n_samples, 1)
     check_int("batch_size", batch_size, 1)
@@ -512,7 +529,7 @@ def sparseness(maps):
     (N, H, W) -> (N,), scaled by n / (n − 1) so that a one-hot map scores exactly 1 and
     a constant map 0 (Quantus's `Sparseness` is (n − 1) / n times ours). Higher = more
     concentrated. An all-zero map scores 0."""
-    shape = _shape("maps", maps)
+    shape = check_array("maps", maps)
     if len(shape) != 3 or shape[1] * shape[2] < 2:
         raise ValueError(f"maps must be (N, H, W) with at least 2 pixels, got shape {shape}")
     a = jnp.sort(jnp.abs(maps.reshape(shape[0], -1)).astype(jnp.float32), axis=-1)
@@ -527,7 +544,7 @@ def complexity(maps):
     """Complexity (Bhatt et al., IJCAI 2020): the entropy (nats) of the pixels' shares of
     |map|, (N, H, W) -> (N,): 0 for a one-hot map, log(H · W) for a constant one.
     Lower = simpler. An all-zero map scores 0."""
-    shape = _shape("maps", maps)
+    shape = check_array("maps", maps)
     if len(shape) != 3:
         raise ValueError(f"maps must be (N, H, W), got shape {shape}")
     a = jnp.abs(maps.reshape(shape[0], -1)).astype(jnp.float32)
@@ -550,7 +567,7 @@ def focus_mosaics(images, labels, key, n_mosaics, *, half_size=False):
         (mosaics (n, 2H, 2W, C) or (n, H, W, C), targets (n,) int, quadrant (n,) int,
         0..3 in raster order: top-left, top-right, bottom-left, bottom-right).
     """
-    m, h, w, c = _check_images(images)
+    m, h, w, c = check_batch(images)
     labels = np.asarray(labels)
     if labels.shape != (m,):
         raise ValueError(f"labels must be one class per image, shape ({m},), got shape "
@@ -582,11 +599,11 @@ def focus(maps, quadrants):
     """Focus (Arias-Duart et al., 2022): the share of a mosaic's positive relevance that
     lies in the target's quadrant, (N, H, W), (N,) -> (N,) in [0, 1]; 1 when all of it
     does, 0.25 on average for a random map. A map without positive relevance scores 0."""
-    shape = _shape("maps", maps)
+    shape = check_array("maps", maps)
     if len(shape) != 3 or shape[1] % 2 or shape[2] % 2:
         raise ValueError(f"maps must be (N, H, W) with even H and W (2 x 2 mosaics), got "
                          f"shape {shape}")
-    if _shape("quadrants", quadrants) != shape[:1]:
+    if check_array("quadrants", quadrants) != shape[:1]:
         raise ValueError(f"quadrants must be one quadrant per map, shape ({shape[0]},), got "
                          f"shape {tuple(quadrants.shape)}")
     n, h, w = shape
@@ -648,7 +665,7 @@ def similarity(maps, reference):
     """{'spearman_abs', 'spearman_signed', 'ssim'} of maps (..., N, H, W) against the
     reference (N, H, W): rank correlation of |map| and of the map, and SSIM of the
     min-max normalised |map| (Adebayo et al.'s three measures)."""
-    shape, ref_shape = _shape("maps", maps), _shape("reference", reference)
+    shape, ref_shape = check_array("maps", maps), check_array("reference", reference)
     if len(ref_shape) != 3 or shape[-3:] != ref_shape:
         raise ValueError(f"reference must be (N, H, W) and maps (..., N, H, W) with the same "
                          f"last three axes, got maps {shape} and reference {ref_shape}")
@@ -664,7 +681,7 @@ def similarity(maps, reference):
 
 
 
-def layer_order(model, variables, image_shape=None):
+def layer_order(model, variables, image_shape=None, apply_kwargs=None):
     """Paths of the modules that hold parameters, in the order the forward pass calls
     them (recorded with `flax.linen.intercept_methods`, so it follows the model, not
     the order of the checkpoint's keys).
@@ -690,13 +707,14 @@ def layer_order(model, variables, image_shape=None):
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(record):
-        jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1,) + image_shape)), variables)
+        jax.eval_shape(lambda v: forward(model, v, apply_kwargs)(jnp.zeros((1,) + image_shape)),
+                       variables)
     owners = {key[:-1] for key in traverse_util.flatten_dict(variables["params"])}
     return [path for path in order if path in owners]  # modules holding parameters
 
 
-def randomization_levels(model, variables,
-                         image_shape=None) -> List[Tuple[str, Tuple[Tuple[str, ...], ...]]]:
+def randomization_levels(model, variables, image_shape=None, apply_kwargs=None
+                         ) -> List[Tuple[str, Tuple[Tuple[str, ...], ...]]]:
     """The cascade of Adebayo et al.: layers with weights from the output down to the
     first, each with the normalisation layers the forward pass calls right after it.
 
@@ -706,7 +724,7 @@ def randomization_levels(model, variables,
         last for `CIFAR10CNN`.
     """
     groups = []
-    for path in layer_order(model, variables, image_shape):
+    for path in layer_order(model, variables, image_shape, apply_kwargs):
         if groups and "norm" in path[-1].lower():
             groups[-1].append(path)
         else:
@@ -716,7 +734,8 @@ def randomization_levels(model, variables,
     return [("/".join(g[0]) or "(top level)", tuple(g)) for g in reversed(groups)]
 
 
-def cascading_randomization(model, variables, random_variables, image_shape=None):
+def cascading_randomization(model, variables, random_variables, image_shape=None,
+                            apply_kwargs=None):
     """The variables of every level of the cascade, stacked on a leading axis.
 
     Level l has the first l + 1 groups of `randomization_levels(model, variables)`
@@ -744,7 +763,7 @@ def cascading_randomization(model, variables, random_variables, image_shape=None
         raise ValueError(f"random_variables must be a fresh initialisation of the same "
                          f"model, its variables {sorted(variables)} or their 'params', "
                          f"got a different tree")
-    levels = randomization_levels(model, variables, image_shape)
+    levels = randomization_levels(model, variables, image_shape, apply_kwargs)
     current = {c: traverse_util.flatten_dict(variables[c]) for c in variables}
     stacked = []
     for _, paths in levels:
@@ -756,14 +775,15 @@ def cascading_randomization(model, variables, random_variables, image_shape=None
     return [label for label, _ in levels], jax.tree.map(lambda *a: jnp.stack(a), *stacked)
 
 
-def randomization_maps(explain_fn, stacked_variables, images, targets):
-    """`explain_fn(variables, images, targets) -> maps` at every level of
-    `cascading_randomization`: (L, N, H, W).
+def randomization_maps(maps_fn, stacked_variables, images, targets):
+    """`maps_fn(variables, images, targets) -> maps` (the model's variables are an
+    argument here, unlike `sensitivity`'s `explain_fn(images, targets)`) at every level
+    of `cascading_randomization`: (L, N, H, W).
 
     One level after another, so the memory is one level's explanation (not L of them, as
     under `vmap`), through one compiled program whose level index is an argument.
     """
-    level = jax.jit(lambda stacked, i, x, t: explain_fn(
+    level = jax.jit(lambda stacked, i, x, t: maps_fn(
         jax.tree.map(lambda v: v[i], stacked), x, t))
     count = len(jax.tree.leaves(stacked_variables)[0])
     return jnp.stack([level(stacked_variables, i, images, targets) for i in range(count)])

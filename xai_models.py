@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex
 
+from xai_core import map_batches
+
 # ----------------------------------------------------------------------------------------
 # Models as functions.
 
@@ -56,6 +58,29 @@ def forward(model, variables, apply_kwargs=None) -> Callable:
         raise TypeError(f"model must be a flax.linen Module or a function f(x) -> logits, "
                         f"got {type(model).__name__}")
     return model
+
+
+@functools.partial(jax.jit, static_argnames=("model", "apply_kwargs"))
+def _probabilities(variables, images, *, model, apply_kwargs):
+    x = images / 255.0 if images.dtype == jnp.uint8 else images
+    return jax.nn.softmax(forward(model, variables, dict(apply_kwargs))(x))
+
+
+def predict(model, variables, images, *, apply_kwargs=None, batch_size=250, place=None,
+            on_batch=None):
+    """Softmax probabilities (N, K), numpy, of uint8 images (0..255) or float ones in
+    [0, 1], in jitted batches of `batch_size` (`xai_core.map_batches`: the last one
+    padded, so each shape compiles once). Every script and the explorer predict with it.
+
+    place: puts each batch on the devices (e.g. a sharding over them); on_batch(size):
+    called after each batch, e.g. a progress bar's `update`.
+    """
+    kwargs = frozen_kwargs(apply_kwargs)
+
+    def probabilities(x):
+        return _probabilities(variables, x, model=model, apply_kwargs=kwargs)
+
+    return map_batches(probabilities, [images], batch_size, place=place, on_batch=on_batch)
 
 
 def _path(context) -> str:
@@ -330,8 +355,15 @@ def _relu_input(eqn):
 
 
 def inner_programs(eqn):
-    """The inner (closed) programs of a higher-order equation."""
-    return list(jex.jaxprs_in_params(eqn.params))
+    """The inner programs of a higher-order equation, each with its constants where it
+    has them (a `ClosedJaxpr`: e.g. a jitted function that closes over arrays).
+    `jax.extend.core.jaxprs_in_params` would give open jaxprs, without those constants."""
+    found = []
+    for value in eqn.params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(item, (jex.ClosedJaxpr, jex.Jaxpr)):
+                found.append(item)
+    return found
 
 
 def bind(eqn, values):

@@ -23,11 +23,13 @@ with M_n segments, at most `capacity` of them.
 
 import functools
 import warnings
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from xai_core import gaussian_blur, map_pairs
 
 SEGMENTATIONS = ("slic", "quickshift")
 FILLS = ("mean", "blur")
@@ -155,46 +157,61 @@ def constrained_shapley(z, y, full, empty, mask):
     return phi.at[last].set(full - empty - jnp.sum(phi))
 
 
-def explain_by_segments(f: Callable, images, targets, key, *, method, n_samples, score,
-                        segmentation, n_segments, compactness, fill, ridge, blur,
-                        batch_size, map_pairs):
-    """LIME ('lime') or KernelSHAP ('kernel_shap') maps (N, H, W): each pixel carries its
-    segment's coefficient. `f(x) -> logits`; `score` 'probability' (softmax, as lime
-    explains) or 'logit'; `targets` resolved; `fill` 'mean' or 'blur' (`blur(images)`);
-    `map_pairs` runs the (sample, image) pairs in batches. Returns (maps, segments,
-    coefficients (N, M))."""
+class Surrogate(NamedTuple):
+    """How a segment method draws its coalitions and fits its coefficients.
+
+    coalitions: `(key, n_samples, mask (M,)) -> (S, M)` on/off patterns of the segments;
+    fit: `(z (S, M), y (S,), mask (M,), full, empty, ridge) -> (M,)` coefficients, where
+        `full` and `empty` are the score with every segment on and off.
+    """
+
+    coalitions: Callable
+    fit: Callable
+
+
+def _lime_fit(z, y, mask, full, empty, ridge):
+    return weighted_ridge(z, y, lime_weights(z, mask), mask, ridge)
+
+
+def _shapley_fit(z, y, mask, full, empty, ridge):
+    return constrained_shapley(z, y, full, empty, mask)
+
+
+# LIME draws one set of patterns for every image (lime's uniform draws); KernelSHAP draws
+# each image's coalitions from the Shapley kernel over its own segments, with one key, so
+# an image's map never depends on its place in the batch.
+LIME = Surrogate(lambda key, n, mask: lime_coalitions(key, n, mask.shape[0]), _lime_fit)
+KERNEL_SHAP = Surrogate(shapley_coalitions, _shapley_fit)
+
+
+def explain_by_segments(f: Callable, images, targets, key, *, surrogate: Surrogate,
+                        n_samples, score, segmentation, n_segments, compactness, fill,
+                        ridge, batch_size):
+    """Maps (N, H, W) of a segment surrogate (`LIME` or `KERNEL_SHAP`): each pixel carries
+    its segment's coefficient. `f(x) -> logits`; `score` 'probability' (softmax, as lime
+    explains) or 'logit'; `targets` resolved; `fill` 'mean' or 'blur'
+    (`xai_core.gaussian_blur`). Returns (maps, segments, coefficients (N, M))."""
     segments = segment(images, segmentation, n_segments, compactness)
     m = capacity(n_segments)
     mask = present(segments, m).astype(jnp.float32)
     # what an off segment shows: its mean colour (lime's default) or a blurred image
-    filled = blur(images) if fill == "blur" else _segment_means(images, segments, m)
+    filled = gaussian_blur(images) if fill == "blur" else _segment_means(images, segments, m)
 
     def target_score(x, t):
         logits = f(x)
         values = jax.nn.softmax(logits) if score == "probability" else logits
         return jnp.take_along_axis(values, t[:, None], axis=-1)[:, 0]
 
-    if method == "lime":
-        z = jnp.broadcast_to(lime_coalitions(key, n_samples, m),
-                             (images.shape[0], n_samples, m))
-    else:
-        # one key for every image: its coalitions depend on its own segment count and the
-        # key only, never on its place in the batch
-        z = jax.vmap(lambda msk: shapley_coalitions(key, n_samples, msk))(mask)
+    z = jax.vmap(lambda msk: surrogate.coalitions(key, n_samples, msk))(mask)
 
     def scores(s, i):
         x = jax.vmap(perturbed)(images[i], segments[i], filled[i], z[i, s])
         return target_score(x, targets[i])
 
     y = map_pairs(scores, images.shape[0], n_samples, batch_size, total=False).T  # (N, S)
-    if method == "lime":
-        weights = jax.vmap(lambda zi, msk: lime_weights(zi, msk))(z, mask)
-        coef = jax.vmap(weighted_ridge, in_axes=(0, 0, 0, 0, None))(z, y, weights, mask,
+    full, empty = target_score(images, targets), target_score(filled, targets)
+    coef = jax.vmap(surrogate.fit, in_axes=(0, 0, 0, 0, 0, None))(z, y, mask, full, empty,
                                                                    ridge)
-    else:
-        full = target_score(images, targets)
-        empty = target_score(filled, targets)
-        coef = jax.vmap(constrained_shapley)(z, y, full, empty, mask)
     maps = jnp.take_along_axis(coef, segments.reshape(segments.shape[0], -1), axis=1)
     return maps.reshape(segments.shape), segments, coef
 

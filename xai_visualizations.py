@@ -25,8 +25,8 @@ bind the model and call one function jitted once in `__init__`.
 
 import functools
 import math
-import numbers
-from typing import Any, Callable, Dict, NamedTuple, Optional
+import types
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -36,24 +36,17 @@ from flax import traverse_util
 import xai_lrp
 import xai_surrogates
 from xai_cache import enable_compilation_cache
+from xai_core import (EPS, PREDICTED, check_images, check_int, check_number, check_targets,
+                      jit_by_batch, map_pairs, normalize_maps, resolve_targets, target_logit)
 from xai_models import (abstract_variables, as_grid, check_call, default_layer, forward,
                         UnguidedError, frozen_kwargs, guided, guided_relu, is_module,
                         layers, model_name, resolve_layer, split)
 
 __all__ = ["Attribution", "Explainer", "GradCAM", "IntegratedGradients", "METHODS",
+           "options_for", "register", "unregister",
            "enable_compilation_cache",
            "LRP", "Method", "Option", "PREDICTED", "SaliencyMap", "explain", "guided_relu",
            "layers", "normalize_maps", "overlay", "unsupported"]
-
-PREDICTED = -1
-EPS = 1e-8
-
-# XLA:CPU explains a single image 1.4-1.6x faster with YNNPACK convolutions, while batches
-# of 4 or more run faster without them (measured with jax 0.10.2 by
-# benchmarks/bench_xai.py --plain-jit). So single images get these options on CPU.
-SINGLE_IMAGE_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
-                            "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
-
 
 class Attribution(NamedTuple):
     """What every method returns.
@@ -74,11 +67,6 @@ class Attribution(NamedTuple):
 # Pure functions: jittable, no checks, raw values out.
 
 
-def resolve_targets(logits, targets):
-    """Replaces each `PREDICTED` (negative) target with that example's argmax class."""
-    return jnp.where(targets < 0, jnp.argmax(logits, axis=-1), targets).astype(jnp.int32)
-
-
 def _target_vjp(fn, x, targets):
     """Gradient of each example's target logit of `fn(x)` w.r.t. `x`, in one backward pass.
 
@@ -88,10 +76,6 @@ def _target_vjp(fn, x, targets):
     targets = resolve_targets(logits, targets)
     (grads,) = vjp(jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype))
     return grads, logits, targets
-
-
-def _target_logit(logits, targets):
-    return jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
 
 
 def input_gradients(model, variables, images, targets, *, apply_kwargs=None):
@@ -166,51 +150,6 @@ def saliency(model, variables, images, targets, key=None, *, batch_size=None,
     """Vanilla gradients (Simonyan et al. 2014): ∂y_c/∂x, (N, H, W, C)."""
     return Attribution(*input_gradients(model, variables, images, targets,
                                         apply_kwargs=apply_kwargs))
-
-
-def map_pairs(fn, n, count, batch_size, *, total):
-    """Evaluates `fn(samples, images)` on every (sample, image) pair of `count` × `n`.
-
-    `fn` takes two int32 index arrays of one length B and returns (B, ...). Pairs run
-    sample-major as one vectorised call when `count · n <= batch_size`, else in chunks
-    of `batch_size` inside a `lax.scan`, so `batch_size` bounds the memory of every
-    sampling method. XLA:CPU runs backward convolutions about 3x slower inside a loop
-    (it folds the kernel transpose into the convolution there), so the loop is used
-    only when memory needs it.
-
-    Returns:
-        total=True: Σ_s fn(s, i) for each image i, (n, ...);
-        total=False: every output, (count, n, ...).
-    """
-    pairs = n * count
-    chunk = min(batch_size, pairs)
-    steps = -(-pairs // chunk)
-    if steps == 1:
-        flat = jnp.arange(pairs, dtype=jnp.int32)
-        out = fn(flat // n, flat % n)
-        out = out.reshape((count, n) + out.shape[1:])
-        return jnp.sum(out, axis=0) if total else out
-    flat = jnp.arange(steps * chunk, dtype=jnp.int32).reshape(steps, chunk)
-    index = jnp.zeros((chunk,), jnp.int32)
-    out_shape = jax.eval_shape(fn, index, index)
-    if total:
-        def step(acc, f):
-            valid = f < pairs
-            f = jnp.minimum(f, pairs - 1)
-            out = fn(f // n, f % n)
-            out = jnp.where(valid.reshape((-1,) + (1,) * (out.ndim - 1)), out, 0)
-            return acc.at[f % n].add(out), None
-
-        acc = jnp.zeros((n,) + out_shape.shape[1:], out_shape.dtype)
-        return jax.lax.scan(step, acc, flat)[0]
-
-    def step(_, f):
-        f = jnp.minimum(f, pairs - 1)
-        return None, fn(f // n, f % n)
-
-    outs = jax.lax.scan(step, None, flat)[1]
-    outs = outs.reshape((steps * chunk,) + out_shape.shape[1:])[:pairs]
-    return outs.reshape((count, n) + out_shape.shape[1:])
 
 
 def smooth_grad(grad_fn, images, targets, key, *, n_samples=50, noise_level=0.15,
@@ -297,7 +236,7 @@ def integrated_gradients(model, variables, images, targets, key=None, *, baselin
 
     grads = map_pairs(path_grads, images.shape[0], steps, batch_size, total=True) / steps
     attributions = delta * grads
-    change = _target_logit(logits, targets) - _target_logit(f(baseline), targets)
+    change = target_logit(logits, targets) - target_logit(f(baseline), targets)
     gaps = jnp.abs(jnp.sum(attributions, axis=(1, 2, 3)) - change) / jnp.maximum(
         jnp.abs(change), EPS)
     return Attribution(attributions, logits, targets, {"completeness_gap": gaps})
@@ -332,11 +271,11 @@ def occlusion(model, variables, images, targets, key=None, *, patch=4, stride=2,
     masks = occlusion_masks(images.shape[1], images.shape[2], patch, stride)
     logits = f(images)
     targets = resolve_targets(logits, targets)
-    clean = _target_logit(logits, targets)
+    clean = target_logit(logits, targets)
 
     def drops(p, i):
         hidden = jnp.where(masks[p][..., None], baseline, images[i])
-        return clean[i] - _target_logit(f(hidden), targets[i])
+        return clean[i] - target_logit(f(hidden), targets[i])
 
     drop = map_pairs(drops, images.shape[0], masks.shape[0], batch_size, total=False)
     coverage = jnp.sum(masks, axis=0)
@@ -380,7 +319,7 @@ def rise(model, variables, images, targets, key, *, n_masks=4000, cell_size=4,
 
     def scores(m, i):
         probs = jax.nn.softmax(f(images[i] * masks[m][..., None]))
-        return _target_logit(probs, targets[i])
+        return target_logit(probs, targets[i])
 
     p = map_pairs(scores, images.shape[0], n_masks, batch_size, total=False)
     maps = jnp.einsum("mn,mhw->nhw", p, masks) / (n_masks * keep_prob)
@@ -482,24 +421,21 @@ def lrp(model, variables, images, targets, key=None, *, composite="epsilon_gamma
     relevance, logits = xai_lrp.relevance(forward(model, variables, apply_kwargs), images,
                                           start, composite, strip_root=is_module(model))
     targets = resolve_targets(logits, targets)
-    logit = _target_logit(logits, targets)
+    logit = target_logit(logits, targets)
     kept = jnp.sum(relevance, axis=tuple(range(1, relevance.ndim))) / jnp.where(
         logit == 0, 1.0, logit)
     return Attribution(relevance, logits, targets, {"relevance_kept": kept})
 
 
-def _by_segments(method, model, variables, images, targets, key, *, n_samples, segmentation,
+def _by_segments(surrogate, model, variables, images, targets, key, *, n_samples, segmentation,
                  n_segments, compactness, fill, score, ridge, batch_size, apply_kwargs):
-    import xai_metrics  # noqa: PLC0415 (it imports this module)
-
     f = forward(model, variables, apply_kwargs)
     logits = f(images)
     targets = resolve_targets(logits, targets)
     maps, segments, _ = xai_surrogates.explain_by_segments(
-        f, images, targets, key, method=method, n_samples=n_samples, score=score,
+        f, images, targets, key, surrogate=surrogate, n_samples=n_samples, score=score,
         segmentation=segmentation, n_segments=n_segments, compactness=compactness,
-        fill=fill, ridge=ridge, blur=xai_metrics.gaussian_blur, batch_size=batch_size,
-        map_pairs=map_pairs)
+        fill=fill, ridge=ridge, batch_size=batch_size)
     return Attribution(maps, logits, targets,
                        {"segments": jnp.max(segments, axis=(1, 2)) + 1})
 
@@ -519,7 +455,7 @@ def lime(model, variables, images, targets, key, *, n_samples=1000, segmentation
         Attribution with maps (N, H, W), signed (a pixel carries its segment's
         coefficient), and extras 'segments' (N,): how many segments each image had.
     """
-    return _by_segments("lime", model, variables, images, targets, key, n_samples=n_samples,
+    return _by_segments(xai_surrogates.LIME, model, variables, images, targets, key, n_samples=n_samples,
                         segmentation=segmentation, n_segments=n_segments,
                         compactness=compactness, fill=fill, score=score, ridge=ridge,
                         batch_size=batch_size, apply_kwargs=apply_kwargs)
@@ -535,7 +471,7 @@ def kernel_shap(model, variables, images, targets, key, *, n_samples=1000,
     Returns:
         Attribution with maps (N, H, W), signed, and extras 'segments' (N,).
     """
-    return _by_segments("kernel_shap", model, variables, images, targets, key,
+    return _by_segments(xai_surrogates.KERNEL_SHAP, model, variables, images, targets, key,
                         n_samples=n_samples, segmentation=segmentation,
                         n_segments=n_segments, compactness=compactness, fill=fill,
                         score=score, ridge=0.0, batch_size=batch_size,
@@ -595,17 +531,19 @@ def unsupported(method, model, image_shape=None, apply_kwargs=None) -> Optional[
     rollout without attention), or None when it can. `image_shape` is one image's
     (H, W, C); default the model's declared `input_shape`."""
     image_shape = image_shape or getattr(model, "input_shape", None)
-    if METHODS[method].requires is None or image_shape is None:
+    requires = METHODS[method].requires
+    if requires is None or image_shape is None:
         return None
-    return _unsupported_cached(method, model, (1,) + tuple(image_shape[-3:]),
+    return _unsupported_cached(requires, model, (1,) + tuple(image_shape[-3:]),
                                frozen_kwargs(apply_kwargs))
 
 
 @functools.lru_cache(maxsize=256)
-def _unsupported_cached(method, model, images_shape, apply_kwargs):
-    """`unsupported`, traced once per method, model, image shape and apply_kwargs (the
-    evaluation, the explorer and every Explainer ask again)."""
-    return METHODS[method].requires(model, images_shape, dict(apply_kwargs))
+def _unsupported_cached(requires, model, images_shape, apply_kwargs):
+    """`unsupported`, traced once per requirement, model, image shape and apply_kwargs
+    (the evaluation, the explorer and every Explainer ask again); keyed by the
+    requirement itself, so a replaced registry entry is asked afresh."""
+    return requires(model, images_shape, dict(apply_kwargs))
 
 
 def reduce_channels(grads):
@@ -620,13 +558,6 @@ def sum_channels(attributions):
     Gradients), so that a pixel's value is its share of that change.
     """
     return jnp.sum(attributions, axis=-1)
-
-
-def normalize_maps(maps, eps=EPS):
-    """Min-max scales each (H, W) map to [0, 1]; a constant map becomes all zeros."""
-    lo = jnp.min(maps, axis=(-2, -1), keepdims=True)
-    hi = jnp.max(maps, axis=(-2, -1), keepdims=True)
-    return (maps - lo) / (hi - lo + eps)
 
 
 # ----------------------------------------------------------------------------------------
@@ -668,97 +599,36 @@ def overlay(image, heatmap, alpha=0.4, colormap="jet"):
 
 
 # ----------------------------------------------------------------------------------------
-# Argument checks: each message names the argument, what was expected and what was given.
-
-
-def check_int(name, value, minimum):
-    """`value` as an int >= `minimum`, or a ValueError naming `name`."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def check_number(name, value, upper=None):
-    """`value` as a finite float >= 0 (and <= `upper` when given)."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if not ok or not np.isfinite(value) or value < 0 or (upper is not None and value > upper):
-        bound = f"in [0, {upper}]" if upper is not None else "finite and >= 0"
-        raise ValueError(f"{name} must be a number {bound}, got {value!r}")
-    return float(value)
-
-
-def check_images(image, name="image"):
-    """Returns `image` as a float32 batch (N, H, W, C) and whether it was one image.
-
-    One image is (H, W, C), a batch (N, H, W, C). uint8 input is taken as 0..255 and
-    divided by 255; float input must lie in [0, 1]. Whether the model takes this size is
-    `xai_models.check_call`'s question.
-    """
-    if not isinstance(image, (np.ndarray, jax.Array)):
-        if not isinstance(image, (list, tuple)):
-            raise TypeError(f"{name} must be an array, one image (H, W, C) or a batch "
-                            f"(N, H, W, C), got {type(image).__name__}")
-        image = np.asarray(image)
-    shape = tuple(image.shape)
-    if len(shape) not in (3, 4) or 0 in shape[-3:]:
-        raise ValueError(f"{name} must be one image (H, W, C) or a batch (N, H, W, C), got "
-                         f"shape {shape}")
-    if len(shape) == 4 and shape[0] == 0:
-        raise ValueError(f"{name} must hold at least one image, got shape {shape}")
-    xp = jnp if isinstance(image, jax.Array) else np
-    if image.dtype == np.uint8:
-        image = image.astype(np.float32) / 255
-    elif not np.issubdtype(image.dtype, np.floating):
-        raise TypeError(f"{name} must be float in [0, 1] or uint8 in 0..255, got dtype "
-                        f"{image.dtype}")
-    else:
-        if not bool(xp.isfinite(image).all()):
-            raise ValueError(f"{name} must be finite, got NaN or inf values")
-        lo, hi = float(image.min()), float(image.max())
-        if lo < 0 or hi > 1:
-            raise ValueError(f"{name} values must be in [0, 1] (divide 0..255 images by "
-                             f"255), got range [{lo:.4g}, {hi:.4g}]")
-    single = len(shape) == 3
-    image = jnp.asarray(image, jnp.float32)
-    return (image[None] if single else image), single
-
-
-def check_targets(target_class, n, num_classes):
-    """Returns int32 targets (n,) from None, one int, or n ints in [0, num_classes)."""
-    expected = f"None, an int in [0, {num_classes}) or an array of {n} such ints"
-    if target_class is None:
-        return jnp.full((n,), PREDICTED, jnp.int32)
-    if isinstance(target_class, (bool, np.bool_)):
-        raise TypeError(f"target_class must be {expected}, got {target_class!r}")
-    if isinstance(target_class, numbers.Integral):
-        targets = np.full((n,), int(target_class))
-    else:
-        targets = np.asarray(target_class)
-        if not np.issubdtype(targets.dtype, np.integer):
-            raise TypeError(f"target_class must be {expected}, got dtype {targets.dtype}")
-        if targets.ndim == 0:
-            targets = np.full((n,), int(targets))
-        elif targets.shape != (n,):
-            raise ValueError(f"target_class must be {expected}, got shape {targets.shape}")
-    bad = targets[(targets < 0) | (targets >= num_classes)]
-    if bad.size:
-        raise ValueError(f"target_class must be in [0, {num_classes}), got {bad[0]}")
-    return jnp.asarray(targets, jnp.int32)
-
-
-# ----------------------------------------------------------------------------------------
 # Every method by name.
 
 
 class Option(NamedTuple):
-    """One option of a method: its default and `check(name, value) -> value`."""
+    """One option of a method.
+
+    default: its value when not given; check: `(name, value) -> value`, raising a
+        ValueError or TypeError that names the option.
+    choices: the values it takes, where they are few (command-line choices, the
+        explorer's select box).
+    help: one line for `--help`.
+    alias: a deprecated command-line spelling, e.g. 'ig-steps' for
+        `--integrated-gradients-steps` (the scripts' flags before the registry made them).
+    shown: the explorer offers it beside the method.
+    traced: its value may be a traced number, so explainer objects pass it to their
+        program as an argument: another value compiles nothing.
+    """
 
     default: Any
     check: Callable = lambda name, value: value
+    choices: Optional[tuple] = None
+    help: str = ""
+    alias: Optional[str] = None
+    shown: bool = False
+    traced: bool = False
 
 
 class Method(NamedTuple):
-    """One explainer in the registry.
+    """One explainer in the registry: everything a script, card, attack or the explorer
+    needs to know of it, so that none of them tests its name.
 
     fn: the pure function, `fn(model, variables, images, targets, key, *, batch_size,
         apply_kwargs, **options) -> Attribution` of raw attributions.
@@ -771,6 +641,14 @@ class Method(NamedTuple):
     sampling: whether it draws random numbers (then it needs a key).
     requires: `(model, images_shape, apply_kwargs) -> None or why the method cannot
         explain that model`; None for methods that explain any model.
+    differentiable: its map is a function of the input gradient of f(x) -> logits, so
+        the attacks on explanations step on it through a softplus network.
+    cost: the option that sets how many model passes it makes per image (a sample
+        count), or None.
+    limits: `(options, image_shape (H, W, C)) -> None or why these options cannot
+        explain images of that shape` (e.g. a patch larger than the image).
+    figures: the demo's figures it appears in: 'detailed' (the detailed figure of each
+        image) and 'compare' (the comparison of every shipped network).
     """
 
     fn: Callable
@@ -782,6 +660,10 @@ class Method(NamedTuple):
     paper: str
     sampling: bool = False
     requires: Optional[Callable] = None
+    differentiable: bool = False
+    cost: Optional[str] = None
+    limits: Optional[Callable] = None
+    figures: Tuple[str, ...] = ("detailed",)
 
     @property
     def defaults(self) -> Dict[str, Any]:
@@ -809,78 +691,150 @@ def _one_of(name, value, choices):
     return value
 
 
+def _choice(choices, **kwargs):
+    """An option that takes one of `choices`; the first is its default."""
+    return Option(choices[0], lambda n, v: _one_of(n, v, choices), choices, **kwargs)
+
+
 def _baseline_image(name, value):
     return None if value is None else check_images(value, name)[0]
 
 
+def _within_image(*names):
+    """`limits` for options that are lengths inside the image (a patch, a cell)."""
+    def limits(options, image_shape):
+        side = min(image_shape[:2])
+        for name in names:
+            if options[name] > side:
+                return f"{name} must be at most the image side {side}, got {options[name]}"
+        return None
+    return limits
+
+
 _SEGMENT_OPTIONS = {
-    "n_samples": Option(1000, _positive),
-    "segmentation": Option("slic", lambda n, v: _one_of(n, v, xai_surrogates.SEGMENTATIONS)),
-    "n_segments": Option(64, lambda n, v: check_int(n, v, 2)),
-    "compactness": Option(10.0, check_number),
-    "fill": Option("mean", lambda n, v: _one_of(n, v, xai_surrogates.FILLS)),
-    "score": Option("probability", lambda n, v: _one_of(n, v, ("probability", "logit"))),
+    "n_samples": Option(1000, _positive, help="perturbations per image",
+                        alias="lime-samples"),
+    "segmentation": _choice(xai_surrogates.SEGMENTATIONS, help="the superpixels"),
+    "n_segments": Option(64, lambda n, v: check_int(n, v, 2), help="SLIC's segments asked for"),
+    "compactness": Option(10.0, check_number, help="SLIC's compactness"),
+    "fill": _choice(xai_surrogates.FILLS, help="what an off segment shows"),
+    "score": _choice(("probability", "logit"), help="the score the surrogate fits"),
 }
 _LAYER = Option(None)  # None: the model's explanation_layer; checked against the model
 _ONE_PASS = lambda options, shape: (1, 1)  # noqa: E731
+_REGISTRY: Dict[str, Method] = {}
+# The registry, read-only: `register` adds a method.
+METHODS: Mapping[str, Method] = types.MappingProxyType(_REGISTRY)
 
-METHODS = {
+
+def register(name: str, method: Method, *, replace: bool = False) -> Method:
+    """Adds `method` to `METHODS` under `name`: `explain`, the classes, the cards, the
+    attacks, the demo's figures and the explorer then offer it. `replace=True` swaps an
+    existing entry (returned is the one it replaced, or `method`)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+    if not isinstance(method, Method):
+        raise TypeError(f"method must be a xai_visualizations.Method, got "
+                        f"{type(method).__name__}")
+    if name in _REGISTRY and not replace:
+        raise ValueError(f"a method named {name!r} is registered already; pass replace=True")
+    before = _REGISTRY.get(name, method)
+    _REGISTRY[name] = method
+    return before
+
+
+def unregister(name: str) -> Method:
+    """Removes `name` from `METHODS` and returns its entry."""
+    if name not in _REGISTRY:
+        raise ValueError(f"name must be one of {tuple(_REGISTRY)}, got {name!r}")
+    return _REGISTRY.pop(name)
+
+
+for _name, _method in {
     "gradcam": Method(grad_cam, "Grad-CAM", False, {"layer": _LAYER}, _identity, _ONE_PASS,
-                      "Selvaraju et al. 2017"),
+                      "Selvaraju et al. 2017", figures=("detailed", "compare")),
     "gradcam++": Method(grad_cam_plus_plus, "Grad-CAM++", False, {"layer": _LAYER},
                         _identity, _ONE_PASS, "Chattopadhay et al. 2018"),
     "saliency": Method(saliency, "Saliency", False, {}, reduce_channels, _ONE_PASS,
-                       "Simonyan et al. 2014"),
+                       "Simonyan et al. 2014", differentiable=True,
+                       figures=("detailed", "compare")),
     "smoothgrad": Method(smoothgrad, "SmoothGrad", False,
-                         {"n_samples": Option(50, _positive),
-                          "noise_level": Option(0.15, check_number)},
+                         {"n_samples": Option(50, _positive, help="noisy samples per image",
+                                              alias="smoothgrad-samples"),
+                          "noise_level": Option(0.15, check_number,
+                                                help="σ / (max − min) of each image",
+                                                traced=True)},
                          reduce_channels,
                          lambda o, shape: (o["n_samples"] + 1, o["n_samples"]),
-                         "Smilkov et al. 2017", sampling=True),
+                         "Smilkov et al. 2017", sampling=True, differentiable=True,
+                         cost="n_samples"),
     "grad_x_input": Method(gradient_x_input, "Gradient × Input", True, {}, sum_channels,
-                           _ONE_PASS, "Shrikumar et al. 2016"),
+                           _ONE_PASS, "Shrikumar et al. 2016", differentiable=True,
+                           figures=()),
     "integrated_gradients": Method(integrated_gradients, "Integrated Gradients", True,
-                                   {"steps": Option(64, _positive),
+                                   {"steps": Option(64, _positive, help="path points",
+                                                    alias="ig-steps"),
                                     "baseline": Option(None, _baseline_image)},
                                    sum_channels,
                                    lambda o, shape: (o["steps"] + 2, o["steps"]),
-                                   "Sundararajan et al. 2017"),
+                                   "Sundararajan et al. 2017", differentiable=True,
+                                   cost="steps", figures=("detailed", "compare")),
     "occlusion": Method(occlusion, "Occlusion", True,
-                        {"patch": Option(4, _positive), "stride": Option(2, _positive),
-                         "baseline": Option(0.0, lambda n, v: check_number(n, v, upper=1))},
+                        {"patch": Option(4, _positive, help="square side, px"),
+                         "stride": Option(2, _positive, help="stride, px"),
+                         "baseline": Option(0.0, lambda n, v: check_number(n, v, upper=1),
+                                            help="what the patch shows, in [0, 1]")},
                         _identity,
                         lambda o, shape: (len(occlusion_masks(shape[0], shape[1], o["patch"],
                                                               o["stride"])) + 1, 0),
-                        "Zeiler & Fergus 2014"),
+                        "Zeiler & Fergus 2014", limits=_within_image("patch"), figures=()),
     "rise": Method(rise, "RISE", False,
-                   {"n_masks": Option(4000, _positive), "cell_size": Option(4, _positive),
-                    "keep_prob": Option(0.5, _probability)},
+                   {"n_masks": Option(4000, _positive, help="random masks per image",
+                                      alias="rise-masks"),
+                    "cell_size": Option(4, _positive, help="mask cell side, px"),
+                    "keep_prob": Option(0.5, _probability, help="share of cells kept")},
                    _identity, lambda o, shape: (o["n_masks"] + 1, 0), "Petsiuk et al. 2018",
-                   sampling=True),
+                   sampling=True, cost="n_masks", limits=_within_image("cell_size"),
+                   figures=()),
     "guided_backprop": Method(guided_backprop, "Guided Backprop", False, {}, reduce_channels,
-                              _ONE_PASS, "Springenberg et al. 2015", requires=_needs_relu),
+                              _ONE_PASS, "Springenberg et al. 2015", requires=_needs_relu,
+                              figures=()),
     "guided_gradcam": Method(guided_grad_cam, "Guided Grad-CAM", False, {"layer": _LAYER},
                              reduce_channels, lambda o, shape: (2, 2), "Selvaraju et al. 2017",
-                             requires=_needs_relu),
+                             requires=_needs_relu, figures=()),
     "lrp": Method(lrp, "LRP", True,
-                  {"composite": Option("epsilon_gamma_box", _composite),
-                   "epsilon": Option(1e-6, check_number),
-                   "gamma": Option(0.25, check_number)},
+                  {"composite": Option("epsilon_gamma_box", _composite,
+                                       tuple(xai_lrp.COMPOSITES),
+                                       help="the rule for each layer", shown=True),
+                   "epsilon": Option(1e-6, check_number, help="the ε of the ε-rules"),
+                   "gamma": Option(0.25, check_number, help="the γ of the γ-rule")},
                   sum_channels, _ONE_PASS, "Bach et al. 2015; Montavon et al. 2019",
                   requires=_needs_lrp_rules),
-    "lime": Method(lime, "LIME", True, {**_SEGMENT_OPTIONS, "ridge": Option(1.0, check_number)},
+    "lime": Method(lime, "LIME", True,
+                   {**_SEGMENT_OPTIONS, "ridge": Option(1.0, check_number,
+                                                        help="the ridge λ")},
                    _identity, lambda o, shape: (o["n_samples"] + 1, 0),
-                   "Ribeiro et al. 2016", sampling=True),
+                   "Ribeiro et al. 2016", sampling=True, cost="n_samples"),
     "kernel_shap": Method(kernel_shap, "KernelSHAP", True, _SEGMENT_OPTIONS, _identity,
                           lambda o, shape: (o["n_samples"] + 2, 0), "Lundberg & Lee 2017",
-                          sampling=True),
+                          sampling=True, cost="n_samples"),
     "attention_rollout": Method(
         attention_rollout, "Attention rollout", False,
-        {"head_fusion": Option("mean", lambda name, value: _one_of(
-            name, value, ("mean", "max", "min")))},
+        {"head_fusion": _choice(("mean", "max", "min"), help="how heads are fused")},
         _identity, lambda o, shape: (1, 0), "Abnar & Zuidema 2020",
-        requires=_needs_attention),
-}
+        requires=_needs_attention, figures=()),
+}.items():
+    register(_name, _method)
+
+
+def options_for(method, given=(), **shared) -> Dict[str, Any]:
+    """`method`'s options that a script sets: `given` as (method, option, value) triples
+    (the command line's), then `shared` values for options of those names in any method
+    (e.g. `layer=`); an option left unset keeps the registry's default."""
+    spec = METHODS[method]
+    out = {k: v for k, v in shared.items() if k in spec.options and v is not None}
+    out.update({name: value for m, name, value in given if m == method})
+    return out
 
 
 def explain(method, model, variables, images, targets=None, key=None, *, batch_size=256,
@@ -935,6 +889,10 @@ def check_options(method, model, options, image_shape=None, variables=None,
                 tuple(value.shape[-3:]) != tuple(image_shape[-3:])):
             raise ValueError(f"{name} must have the images' shape {tuple(image_shape[-3:])},"
                              f" got {tuple(value.shape[-3:])}")
+    why = (spec.limits(checked, tuple(image_shape[-3:]))
+           if spec.limits is not None and image_shape is not None else None)
+    if why:
+        raise ValueError(why)
     why = unsupported(method, model, image_shape, apply_kwargs) if is_module(model) else None
     if why:
         raise ValueError(f"method {method!r} cannot explain {model_name(model)}: {why}")
@@ -957,32 +915,6 @@ def check_options(method, model, options, image_shape=None, variables=None,
 # Compilation.
 
 
-@functools.lru_cache(maxsize=None)
-def single_image_compiler_options():
-    """`SINGLE_IMAGE_CPU_OPTIONS` when this backend and jaxlib accept them, else None."""
-    if jax.default_backend() != "cpu":
-        return None
-    try:
-        jax.jit(lambda x: x + 1, compiler_options=SINGLE_IMAGE_CPU_OPTIONS)(jnp.zeros(()))
-    except Exception:  # noqa: BLE001 - a jaxlib without the option: plain jit everywhere
-        return None
-    return SINGLE_IMAGE_CPU_OPTIONS
-
-
-def jit_by_batch(fn, compiler_options="auto", **kwargs):
-    """jax.jit of `fn(variables, images, ...)`: single images compiled with
-    `single_image_compiler_options()` (or `compiler_options`), batches plainly; each
-    compiles once per shape."""
-    batched = jax.jit(fn, **kwargs)
-    options = (single_image_compiler_options() if compiler_options == "auto"
-               else compiler_options)
-    if options is None:
-        return batched
-    single = jax.jit(fn, compiler_options=options, **kwargs)
-    return lambda variables, images, *args, **kw: (
-        single if images.shape[0] == 1 else batched)(variables, images, *args, **kw)
-
-
 # ----------------------------------------------------------------------------------------
 # The public classes: checks on the host, then one jitted call.
 
@@ -1002,11 +934,11 @@ def _variables(params, batch_stats):
 
 
 def _scored(method, model, apply_kwargs, batch_size, options, variables, images, targets,
-            key, normalize):
+            key, traced, normalize):
     """(maps, predicted classes, softmax probability of each explained class)."""
     out = explain(method, model, variables, images, targets, key, batch_size=batch_size,
-                  apply_kwargs=dict(apply_kwargs), **options)
-    scores = _target_logit(jax.nn.softmax(out.logits), out.targets)
+                  apply_kwargs=dict(apply_kwargs), **options, **traced)
+    scores = target_logit(jax.nn.softmax(out.logits), out.targets)
     return (normalize_maps(out.maps) if normalize else out.maps,
             jnp.argmax(out.logits, -1), scores)
 
@@ -1035,24 +967,18 @@ def _cached_build(build, *key):
     return build(*key)
 
 
-def _compile_scored(method, model, apply_kwargs, batch_size, options):
+def _compile(method, fn, model, apply_kwargs, batch_size, options, raw=False):
+    """The one jitted program of explainer objects (`jit_by_batch`) of `method`, whose
+    function is `fn` (a replaced registry entry gets programs of its own), with the
+    options that are not `traced` closed over: `_scored` maps, or with `raw` the
+    method's own `Attribution` (unreduced)."""
+    if raw:
+        defaults = METHODS[method].defaults
+        return jit_by_batch(lambda variables, images, targets, key, traced: fn(
+            model, variables, images, targets, key, batch_size=batch_size,
+            apply_kwargs=dict(apply_kwargs), **{**defaults, **dict(options), **traced}))
     return jit_by_batch(functools.partial(_scored, method, model, apply_kwargs, batch_size,
                                           dict(options)), static_argnames="normalize")
-
-
-def _compile_smooth(model, apply_kwargs):
-    return jit_by_batch(
-        lambda variables, images, targets, key, normalize, n_samples, noise_level,
-        batch_size: _scored("smoothgrad", model, apply_kwargs, batch_size,
-                            {"n_samples": n_samples, "noise_level": noise_level},
-                            variables, images, targets, key, normalize),
-        static_argnames=("normalize", "n_samples", "batch_size"))
-
-
-def _compile_attributions(model, apply_kwargs, batch_size, options):
-    return jax.jit(lambda variables, images, targets: integrated_gradients(
-        model, variables, images, targets, batch_size=batch_size,
-        apply_kwargs=dict(apply_kwargs), **dict(options)))
 
 
 class Explainer:
@@ -1063,21 +989,26 @@ class Explainer:
     `GradCAM.compute_gradcam`. `layer` is a layer method's module path (or an alias the
     model declares); `apply_kwargs` go to `model.apply`, e.g. {"train": False}. A plain
     function f(x) -> logits works for the methods without a layer: pass None as params.
+    `layer_name` is what errors call the layer (GradCAM's `target_layer`).
     """
 
     def __init__(self, model, method, *, layer=None, batch_size=256, apply_kwargs=None,
-                 **options):
+                 layer_name="layer", **options):
         if method in METHODS and layer is not None:
             if "layer" not in METHODS[method].options:
-                raise TypeError(f"{method} takes no layer, got layer={layer!r}")
+                raise TypeError(f"{method} takes no {layer_name}, got {layer_name}={layer!r}")
             options["layer"] = layer
         self.model, self.method = model, method
         self.apply_kwargs = dict(apply_kwargs or {})
-        self.options = check_options(method, model, options, apply_kwargs=self.apply_kwargs)
+        self.options = check_options(method, model, options, apply_kwargs=self.apply_kwargs,
+                                     layer_name=layer_name)
         self.batch_size = check_int("batch_size", batch_size, 1)
-        self._explain = _shared(_compile_scored, method, model,
-                                frozen_kwargs(self.apply_kwargs), self.batch_size,
-                                tuple(sorted(self.options.items())))
+        spec = METHODS[method]
+        self._traced = {k: v for k, v in self.options.items() if spec.options[k].traced}
+        self._key = (method, spec.fn, model, frozen_kwargs(self.apply_kwargs),
+                     self.batch_size, tuple(sorted((k, v) for k, v in self.options.items()
+                                                   if k not in self._traced)))
+        self._explain = _shared(_compile, *self._key)
 
     @property
     def signed(self):
@@ -1115,7 +1046,8 @@ class Explainer:
                                                           target_class)
         seed = check_int("seed", seed, 0)
         key = jax.random.key(seed) if METHODS[self.method].sampling else None
-        out = self._explain(variables, images, targets, key, normalize=bool(normalize))
+        out = self._explain(variables, images, targets, key, self._traced,
+                            normalize=bool(normalize))
         return _outputs(*out, single)
 
     def visualize(self, image, heatmap, alpha=0.4, colormap="jet"):
@@ -1130,16 +1062,14 @@ class IntegratedGradients(Explainer):
     def __init__(self, model, *, batch_size=256, apply_kwargs=None, **options):
         super().__init__(model, "integrated_gradients", batch_size=batch_size,
                          apply_kwargs=apply_kwargs, **options)
-        self._attributions = _shared(_compile_attributions, model,
-                                     frozen_kwargs(self.apply_kwargs), self.batch_size,
-                                     tuple(sorted(self.options.items())))
+        self._attributions = _shared(_compile, *self._key, True)
 
     def attributions(self, params, batch_stats, image, target_class=None):
         """(attributions (…, H, W, C), completeness gap (…)) for one image or a batch;
         the gap is |Σ attributions − (y_c(x) − y_c(x′))| / |y_c(x) − y_c(x′)|."""
         variables, images, single, targets = self._inputs(params, batch_stats, image,
                                                           target_class)
-        out = self._attributions(variables, images, targets)
+        out = self._attributions(variables, images, targets, None, self._traced)
         attributions = np.asarray(out.maps)
         gaps = np.asarray(out.extras["completeness_gap"])
         return (attributions[0], float(gaps[0])) if single else (attributions, gaps)
@@ -1165,11 +1095,9 @@ class GradCAM:
     """
 
     def __init__(self, model, target_layer=None, *, apply_kwargs=None):
-        check_options("gradcam", model, {"layer": target_layer}, apply_kwargs=apply_kwargs,
-                      layer_name="target_layer")
         self.model, self.target_layer = model, target_layer
         self._gradcam = Explainer(model, "gradcam", layer=target_layer,
-                                  apply_kwargs=apply_kwargs)
+                                  apply_kwargs=apply_kwargs, layer_name="target_layer")
 
     def compute_gradcam(self, params, batch_stats, image, target_class=None, normalize=True):
         """Grad-CAM heatmaps for one image or a batch.
@@ -1200,9 +1128,8 @@ class SaliencyMap:
     linen model (or a plain function f(x) -> logits, with params None)."""
 
     def __init__(self, model, *, apply_kwargs=None):
-        self.model = model
+        self.model, self.apply_kwargs = model, apply_kwargs
         self._saliency = Explainer(model, "saliency", apply_kwargs=apply_kwargs)
-        self._smooth = _shared(_compile_smooth, model, frozen_kwargs(apply_kwargs))
 
     def compute_saliency(self, params, batch_stats, image, target_class=None, normalize=True):
         """|∂y_c/∂x| maxed over colour channels, for one image or a batch.
@@ -1227,13 +1154,7 @@ class SaliencyMap:
         Returns:
             As `compute_saliency`.
         """
-        variables, images, single, targets = self._saliency._inputs(
-            params, batch_stats, image, target_class)
-        n_samples = check_int("n_samples", n_samples, 1)
-        batch_size = check_int("batch_size", batch_size, 1)
-        noise_level = check_number("noise_level", noise_level)
-        seed = check_int("seed", seed, 0)
-        out = self._smooth(variables, images, targets, jax.random.key(seed),
-                           normalize=bool(normalize), n_samples=n_samples,
-                           noise_level=noise_level, batch_size=batch_size)
-        return _outputs(*out, single)
+        smooth = Explainer(self.model, "smoothgrad", batch_size=batch_size,
+                           apply_kwargs=self.apply_kwargs, n_samples=n_samples,
+                           noise_level=noise_level)
+        return smooth.explain(params, batch_stats, image, target_class, seed, normalize)

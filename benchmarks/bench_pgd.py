@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import adversarial as adv  # noqa: E402
+import xai_attacks  # noqa: E402
 import cifar10_data  # noqa: E402
 import xai_cli as cli  # noqa: E402
 from checkpoints import PRETRAINED, load_checkpoint  # noqa: E402
@@ -48,7 +48,7 @@ def main(argv=None):
     labels = jnp.asarray(data.test_labels[:args.num_images], jnp.int32)
     eps = 8 / 255
     step = 2.5 * eps / args.steps
-    run = lambda: jax.block_until_ready(adv.pgd(  # noqa: E731
+    run = lambda: jax.block_until_ready(xai_attacks.pgd(  # noqa: E731
         model, variables, images, labels, None, eps=eps, step_size=step, steps=args.steps,
         random_init=False))
     run()  # compiles the step

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import cifar10_data  # noqa: E402
 import xai_cli as cli  # noqa: E402
+import xai_core  # noqa: E402
 import xai_metrics as xm  # noqa: E402
 import xai_visualizations as xv  # noqa: E402
 from checkpoints import load_checkpoint  # noqa: E402
@@ -37,7 +38,7 @@ def masks_of(checkpoint, images, fraction, chunk):
     """(N, H, W) bool: the `fraction` most relevant pixels of each Grad-CAM map."""
     model, variables = load_checkpoint(checkpoint)
     explain = jax.jit(lambda x: xv.explain("gradcam", model, variables, x).maps)
-    maps = cifar10_data.map_batches(explain, [images], chunk)
+    maps = xai_core.map_batches(explain, [images], chunk)
     n, h, w = maps.shape
     return np.asarray(xm.pixel_ranks(jnp.asarray(maps)) < round(fraction * h * w))
 
@@ -55,7 +56,7 @@ def best_of(repeats, run):
 def time_ours(images, removed, chunk, noise, repeats=1):
     impute = jax.jit(lambda x, m: xm.road_impute(x, m, jax.random.key(0), noise=noise))
     jax.block_until_ready(impute(images[:chunk], removed[:chunk]))  # compiles
-    return best_of(repeats, lambda: cifar10_data.map_batches(impute, [images, removed], chunk))
+    return best_of(repeats, lambda: xai_core.map_batches(impute, [images, removed], chunk))
 
 
 def peer_imputer():

@@ -4,9 +4,9 @@
     python benchmarks/compare_maps.py --against xai_results/maps_before.npz
 
 Explains the first --num-images test records (the exact ones) for their predicted class
-with every method of `xai_visualizations.METHODS` at its default options (key 0), and
-the seed's `GradCAM(model, target_layer='conv3')`. `--against` prints, per method, the
-largest absolute difference from the saved maps and that difference relative to the
+with every method of `xai_visualizations.METHODS` that fits the model at its default
+options (key 0), LRP with each composite, and the seed's `GradCAM(model,
+target_layer='conv3')`. `--against` prints, per method, the largest absolute difference from the saved maps and that difference relative to the
 largest |value| of the saved maps, and exits 1 when one exceeds --tolerance. This is how
 a refactoring of the explainers shows that it changed no map.
 """
@@ -37,9 +37,15 @@ def raw_maps(model, variables, images, quiet=False):
     targets = jnp.full((len(images),), -1, jnp.int32)
     maps = {}
     for name in tqdm(list(xv.METHODS), desc="methods", disable=quiet):
+        if xv.unsupported(name, model):  # e.g. attention rollout on a network without attention
+            continue
         explain = jax.jit(lambda v, x, t, k, name=name: xv.explain(name, model, v, x, t, k))
         out = explain(variables, images, targets, jax.random.key(0))
         maps[name] = np.asarray(out.maps if hasattr(out, "maps") else out[0])
+    for composite in xv.xai_lrp.COMPOSITES:  # every LRP composite, not only the default
+        explain = jax.jit(lambda v, x, t, c=composite: xv.explain("lrp", model, v, x, t,
+                                                                   composite=c))
+        maps[f"lrp {composite}"] = np.asarray(explain(variables, images, targets).maps)
     gradcam = xv.GradCAM(model, target_layer="conv3")
     maps["GradCAM class"] = gradcam.compute_gradcam(
         variables["params"], variables["batch_stats"], images, normalize=False)[0]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import adversarial as adv
+import xai_attacks
 import xai_metrics as xm
 import xai_visualizations as xv
 from xai_models import softplus_relus
@@ -41,7 +42,7 @@ def optimum(w, labels, eps, norm):
 
 def test_fgsm_reaches_the_linf_optimum_of_a_linear_model(linear):
     f, w, images, labels = linear
-    adversarial = adv.fgsm(f, None, images, labels, eps=0.05)
+    adversarial = xai_attacks.fgsm(f, None, images, labels, eps=0.05)
     np.testing.assert_allclose(adversarial - images, optimum(w, labels, 0.05, "linf"),
                                atol=1e-6)
 
@@ -52,7 +53,7 @@ def test_fgsm_reaches_the_linf_optimum_of_a_linear_model(linear):
 def test_pgd_reaches_the_optimum_of_a_linear_model(linear, norm, random_init, steps, atol):
     f, w, images, labels = linear
     eps = 0.08 if norm == "linf" else 0.5
-    adversarial = adv.pgd(f, None, images, labels, jax.random.key(2), eps=eps,
+    adversarial = xai_attacks.pgd(f, None, images, labels, jax.random.key(2), eps=eps,
                           step_size=eps, steps=steps, norm=norm, random_init=random_init)
     np.testing.assert_allclose(adversarial - images, optimum(w, labels, eps, norm), atol=atol)
 
@@ -63,10 +64,10 @@ def test_attacks_stay_within_eps_and_in_the_unit_range(tiny_model, tiny_variable
     x = images[:4].at[0].set(0.0).at[1].set(1.0)  # at both ends of the range
     labels = jnp.arange(4, dtype=jnp.int32)
     eps = 8 / 255 if norm == "linf" else 0.5
-    found = [adv.pgd(tiny_model, tiny_variables, x, labels, jax.random.key(3), eps=eps,
+    found = [xai_attacks.pgd(tiny_model, tiny_variables, x, labels, jax.random.key(3), eps=eps,
                      step_size=eps / 4, steps=5, norm=norm)]
     if norm == "linf":
-        found.append(adv.fgsm(tiny_model, tiny_variables, x, labels, eps=eps))
+        found.append(xai_attacks.fgsm(tiny_model, tiny_variables, x, labels, eps=eps))
     for adversarial in found:
         delta = (adversarial - x).reshape(4, -1)
         size = (jnp.max(jnp.abs(delta), -1) if norm == "linf"
@@ -78,7 +79,7 @@ def test_attacks_stay_within_eps_and_in_the_unit_range(tiny_model, tiny_variable
 
 def test_pgd_same_key_same_attack_and_batch_independent(tiny_model, tiny_variables, images):
     labels = jnp.arange(4, dtype=jnp.int32)
-    run = lambda x, y, key: adv.pgd(tiny_model, tiny_variables, x, y, key,  # noqa: E731
+    run = lambda x, y, key: xai_attacks.pgd(tiny_model, tiny_variables, x, y, key,  # noqa: E731
                                     eps=4 / 255, step_size=1 / 255, steps=3)
     a = run(images[:4], labels, jax.random.key(5))
     np.testing.assert_array_equal(a, run(images[:4], labels, jax.random.key(5)))
@@ -90,7 +91,7 @@ def test_pgd_same_key_same_attack_and_batch_independent(tiny_model, tiny_variabl
 def test_robust_accuracy_is_the_clean_accuracy_at_zero_and_falls(linear):
     f, w, images, labels = linear
     clean = float(jnp.mean(jnp.argmax(f(images), -1) == labels))
-    acc = adv.robust_accuracy(f, None, images, labels, jax.random.key(0),
+    acc = xai_attacks.robust_accuracy(f, None, images, labels, jax.random.key(0),
                               epsilons=[0.0, 0.05, 0.3], steps=5, batch_size=3)
     assert acc["pgd"][0] == acc["fgsm"][0] == clean
     assert acc["pgd"][2] == 0.0  # ε = 0.3 flips every margin of this model
@@ -101,16 +102,16 @@ def test_robust_accuracy_is_the_clean_accuracy_at_zero_and_falls(linear):
 def test_bad_attack_arguments_are_named(linear):
     f, _, images, labels = linear
     with pytest.raises(ValueError, match="norm must be one of"):
-        adv.pgd(f, None, images, labels, jax.random.key(0), eps=0.1, step_size=0.1,
+        xai_attacks.pgd(f, None, images, labels, jax.random.key(0), eps=0.1, step_size=0.1,
                 steps=1, norm="l1")
     with pytest.raises(ValueError, match="labels must be 4 integer classes"):
-        adv.robust_accuracy(f, None, images, labels[:2], jax.random.key(0), epsilons=[0.1])
+        xai_attacks.robust_accuracy(f, None, images, labels[:2], jax.random.key(0), epsilons=[0.1])
     with pytest.raises(ValueError, match="eps"):
-        adv.robust_accuracy(f, None, images, labels, jax.random.key(0), epsilons=[-0.1])
+        xai_attacks.robust_accuracy(f, None, images, labels, jax.random.key(0), epsilons=[-0.1])
     with pytest.raises(ValueError, match=r"images must be a batch \(N, H, W, C\), got shape"):
-        adv.fgsm(f, None, images[0], labels, eps=0.1)
+        xai_attacks.fgsm(f, None, images[0], labels, eps=0.1)
     with pytest.raises(ValueError, match="key must be a jax.random.key"):
-        adv.pgd(f, None, images, labels, None, eps=0.1, step_size=0.1, steps=1)
+        xai_attacks.pgd(f, None, images, labels, None, eps=0.1, step_size=0.1, steps=1)
     with pytest.raises(ValueError, match="beta .* gradient methods"):
         adv.explanation("occlusion", f, None, beta=10.0)
 
@@ -256,6 +257,7 @@ def test_manipulation_moves_the_map_toward_the_target(relu_net):
 # Adversarial training and the robustness card.
 
 
+@pytest.mark.slow
 def test_adversarial_training_trains_on_pgd_examples(tiny_model):
     import optax
 

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import app
+import checkpoints
 import cifar10_data
 import train_cifar10 as tc
 from cifar10_data import CLASS_NAMES
@@ -113,7 +114,7 @@ def test_explainers_and_target_class_are_chosen_in_the_sidebar(page, checkpoint,
 
 
 def test_the_attack_panel_shows_the_adversarial_image_and_its_maps(page, checkpoint, data):  # noqa: F811
-    import adversarial
+    import xai_attacks
 
     page.sidebar.multiselect[0].set_value(["saliency"]).run()
     page.sidebar.checkbox(key="attack").check().run()
@@ -123,7 +124,7 @@ def test_the_attack_panel_shows_the_adversarial_image_and_its_maps(page, checkpo
     model, variables = tc.load_checkpoint(checkpoint)
     image = data.test_images[0] / np.float32(255)
     label = int(data.test_labels[0])
-    found = adversarial.pgd(model, variables, image[None], np.array([label]), None,
+    found = xai_attacks.pgd(model, variables, image[None], np.array([label]), None,
                             eps=8 / 255, step_size=2.5 * 8 / 255 / 3, steps=3,
                             random_init=False)
     probs = np.asarray(jax.nn.softmax(model.apply(variables, found)))[0]
@@ -137,9 +138,9 @@ def test_the_attack_panel_shows_the_adversarial_image_and_its_maps(page, checkpo
 
 def test_lrp_offers_its_composites(page, checkpoint, data):  # noqa: F811
     page.sidebar.multiselect[0].set_value(["lrp"]).run()
-    assert "epsilon_plus_flat" in page.sidebar.selectbox(key="composite").options
+    assert "epsilon_plus_flat" in page.sidebar.selectbox(key="lrp.composite").options
     evidence = [line for line in _text(page).splitlines() if "on this image" in line]
-    page.sidebar.selectbox(key="composite").select("epsilon_plus_flat").run()
+    page.sidebar.selectbox(key="lrp.composite").select("epsilon_plus_flat").run()
     assert not page.exception and not page.error
     probs = _probabilities(checkpoint, data.test_images[0])
     pred = int(probs.argmax())
@@ -240,7 +241,7 @@ def test_every_kind_of_upload_keeps_the_page_alive(page):
 def test_sanity_status_comes_from_the_evaluation_of_the_same_checkpoint(tmp_path, monkeypatch):
     # the shipped cards only: a `make evaluate` in this checkout would come first
     monkeypatch.setattr(app, "EVALUATIONS", app.EVALUATIONS[1:])
-    card = app.sanity_status(tc.PRETRAINED, "guided_backprop")
+    card = app.sanity_status(checkpoints.PRETRAINED, "guided_backprop")
     assert card["num_images"] == 1000 and card["verdicts"]["randomization"] == "fails"
     lines = app.describe_sanity(card)
     assert lines[0].startswith("Randomisation test: **fails** (mean |ρ| 0.79")

@@ -19,6 +19,7 @@ import cifar10_data
 import demo_xai
 import evaluate_xai
 import train_cifar10 as tc
+import xai_core
 import xai_metrics as xm
 import xai_lrp
 import xai_visualizations as xv
@@ -154,7 +155,7 @@ CASES = [
     ("evaluate CLI: no images", lambda e: evaluate_xai.parse_args(["--num-images", "0"]),
      SystemExit, "argument --num-images: must be an int >= 1, got 0"),
     ("evaluate CLI: patch 33", lambda e: evaluate_xai.parse_args(["--occlusion-patch", "33"]),
-     SystemExit, "--occlusion-patch must be at most 32, got 33"),
+     SystemExit, "--occlusion-patch: patch must be at most the image side 32, got 33"),
     ("evaluate CLI: unknown method", lambda e: evaluate_xai.parse_args(["--methods", "deeplift"]),
      SystemExit, "invalid choice: 'deeplift'"),
     ("evaluate CLI: unknown baseline",
@@ -302,9 +303,9 @@ CASES = [
      ValueError, "batch_size must be an int >= 1, got 0"),
     ("baseline: unknown kind", lambda e: xm.baseline_images(e.images, "noise"),
      ValueError, "baseline must be one of ('zero', 'blur', 'mean'), got 'noise'"),
-    ("blur: sigma 0", lambda e: xm.gaussian_blur(e.images, sigma=0),
+    ("blur: sigma 0", lambda e: xai_core.gaussian_blur(e.images, sigma=0),
      ValueError, "sigma must be a number > 0, got 0"),
-    ("blur: even window", lambda e: xm.gaussian_blur(e.images, size=4),
+    ("blur: even window", lambda e: xai_core.gaussian_blur(e.images, size=4),
      ValueError, "size must be odd, got 4"),
     ("random maps: 1-D shape", lambda e: xm.random_maps(jax.random.key(0), (32,)),
      ValueError, "shape must be a tuple (..., H, W) of positive ints, got (32,)"),

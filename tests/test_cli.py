@@ -190,6 +190,7 @@ def test_a_users_mistake_is_one_line_and_an_exit_status(script, args, status, fr
     assert {name: Path(path).stat().st_mtime_ns for name, path in files.items()} == before
 
 
+@pytest.mark.slow
 def test_every_script_ends_a_mistake_without_a_traceback_when_run(files, tmp_path):
     """The same through `python script.py` in a subprocess, once per script."""
     chosen = ["train: a colliding checkpoint folder", "demo: a checkpoint of another width",
@@ -266,6 +267,7 @@ def test_check_writable_accepts_new_folders_and_refuses_files_in_the_way(tmp_pat
     assert not (tmp_path / "new").exists()  # nothing created
 
 
+@pytest.mark.slow
 def test_make_demo_explains_the_shipped_checkpoint_unless_you_trained_your_own():
     """After a smoke run (xai_results/smoke_model.pkl), `make demo` still picks the
     shipped checkpoint: only cifar10_model.pkl in the repo root would come first."""

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import cifar10_data
+import xai_core
 from cifar10_data import DataError, load_cifar10, load_folder, split_train_val
 from conftest import RECORDS, write_binary_layout, write_python_layout
 
@@ -342,7 +343,7 @@ def test_map_batches_pads_the_last_batch_cuts_the_padding_and_compiles_once(capl
     for inputs in ([rows, labels], [jnp.asarray(rows), jnp.asarray(labels)]):
         caplog.clear()
         with caplog.at_level(logging.WARNING), jax.log_compiles():
-            out = cifar10_data.map_batches(fn, inputs, 4, on_batch=seen.append)
+            out = xai_core.map_batches(fn, inputs, 4, on_batch=seen.append)
         assert isinstance(out["sum"], np.ndarray)
         np.testing.assert_array_equal(out["sum"], rows.sum(axis=1))
         np.testing.assert_array_equal(out["label"], labels * 2)

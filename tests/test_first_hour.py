@@ -21,6 +21,8 @@ import pytest
 
 from conftest import to_binary_records
 
+pytestmark = pytest.mark.slow  # real commands in subprocesses, training included
+
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = 10_000  # per file, as in the official data
 

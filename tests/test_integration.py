@@ -30,6 +30,7 @@ def test_real_data_counts_and_classes(cifar10):
                                rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_about_100_steps_on_a_real_subset_learn(cifar10):
     # 6,400 images, batch 64, one epoch = 100 steps of a narrow network.
     config = tc.TrainConfig(epochs=1, batch_size=64, train_subset=6_400, val_fraction=0.0,

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import scipy.stats
 
+import checkpoints
 import train_cifar10 as tc
+import xai_core
 import xai_metrics as xm
 import xai_visualizations as xv
 from cifar10_cnn_model import CIFAR10CNN
@@ -63,7 +65,7 @@ def test_curves_start_at_the_image_end_at_the_baseline_and_integrate_by_trapezoi
     np.testing.assert_allclose(out["deletion"][:, 0], clean, rtol=1e-5)
     np.testing.assert_allclose(out["deletion"][:, 1],
                                probs(xm.baseline_images(images, "mean")), rtol=1e-5)
-    np.testing.assert_allclose(out["insertion"][:, 0], probs(xm.gaussian_blur(images)),
+    np.testing.assert_allclose(out["insertion"][:, 0], probs(xai_core.gaussian_blur(images)),
                                rtol=1e-5)
     np.testing.assert_allclose(out["insertion"][:, 1], clean, rtol=1e-5)
     np.testing.assert_allclose(out["deletion_auc"], (out["deletion"][:, 0]
@@ -90,8 +92,8 @@ def test_pixel_ranks_put_the_largest_value_first_and_break_ties_in_raster_order(
 def test_baselines_and_blur():
     images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
     flat = jnp.full((1, 32, 32, 3), 0.3)
-    np.testing.assert_allclose(xm.gaussian_blur(flat), flat, rtol=1e-6)
-    blurred = xm.gaussian_blur(images)
+    np.testing.assert_allclose(xai_core.gaussian_blur(flat), flat, rtol=1e-6)
+    blurred = xai_core.gaussian_blur(images)
     assert float(jnp.std(blurred)) < 0.5 * float(jnp.std(images))
     np.testing.assert_allclose(xm.baseline_images(images, "mean")[:, 5, 7],
                                jnp.mean(images, axis=(1, 2)), rtol=1e-6)
@@ -176,7 +178,7 @@ def test_maps_of_a_randomised_model_decorrelate_from_the_trained_models():
     """Adebayo et al.'s check on the shipped trained network: gradient maps keep some
     rank correlation when only the output layer is random, and lose it once every layer
     is. (Guided Backprop's failure of this check is in the README's evaluation.)"""
-    model, variables = tc.load_checkpoint(tc.PRETRAINED)
+    model, variables = tc.load_checkpoint(checkpoints.PRETRAINED)
     images = jax.random.uniform(jax.random.key(5), (4, 32, 32, 3))
     fresh = jax.jit(model.init)(jax.random.key(6), images[:1])
     _, stacked = xm.cascading_randomization(model, variables, fresh)

@@ -21,6 +21,7 @@ def test_every_top_level_module_is_installed():
     assert sorted(MODULES) == sorted(p.stem for p in ROOT.glob("*.py"))
 
 
+@pytest.mark.slow
 def test_the_modules_import_from_another_folder(tmp_path):
     """Found (not executed, so no JAX starts) from a folder outside the repository."""
     probe = ("import importlib.util, sys; "

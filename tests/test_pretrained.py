@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+import checkpoints
 import train_cifar10 as tc
 from architectures import MODELS, registry_name
 from checkpoints import pretrained_checkpoints
@@ -18,7 +19,7 @@ SHIPPED = pretrained_checkpoints()
 
 
 def test_the_cnn_is_shipped():
-    assert SHIPPED["cnn"] == tc.PRETRAINED
+    assert SHIPPED["cnn"] == checkpoints.PRETRAINED
 
 
 @pytest.mark.parametrize("name", list(SHIPPED))

@@ -17,6 +17,7 @@ import pytest
 
 import checkpoints
 import train_cifar10 as tc
+import xai_io
 from cifar10_cnn_model import CIFAR10CNN
 from test_train import synthetic_data  # noqa: F401 (a fixture)
 
@@ -52,6 +53,7 @@ def _start(tmp_path, states, epochs, mode, out):
                              str(states), str(epochs), mode, str(out)], env=env)
 
 
+@pytest.mark.slow
 def test_sigkill_in_mid_run_then_resume_gives_bit_identical_params(synthetic_data,
                                                                    tmp_path):
     np.savez(tmp_path / "data.npz", **synthetic_data._asdict())
@@ -103,6 +105,7 @@ def test_each_epoch_saves_the_whole_state_and_keeps_the_newest(trained, syntheti
                                   jax.random.key_data(state.dropout_key))
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_trains_nothing_more(trained, synthetic_data):
     config, state, metrics, _ = trained
     _, again, again_metrics = tc.train_and_evaluate(dataclasses.replace(config, resume=True),
@@ -111,6 +114,7 @@ def test_resuming_a_finished_run_trains_nothing_more(trained, synthetic_data):
     assert int(again.step) == int(state.step)
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_state_trained_with_other_settings(trained, synthetic_data):
     config, _, _, _ = trained
     other = dataclasses.replace(config, resume=True, lr=0.1)
@@ -127,6 +131,7 @@ def test_a_truncated_state_is_refused_clearly(trained, tmp_path):
         tc.load_state(broken, template, tc.run_settings(config))
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_naming_the_epoch_and_step(synthetic_data, tmp_path):
     config = dataclasses.replace(CONFIG, lr=1e12, epochs=2, checkpoint_dir=str(tmp_path))
     with pytest.raises(FloatingPointError, match=r"loss became \w+ at epoch \d, step \d+"):
@@ -177,6 +182,7 @@ tc.save_checkpoint(sys.argv[1], model, variables)
 """
 
 
+@pytest.mark.slow
 def test_a_process_killed_while_saving_leaves_the_previous_checkpoint_intact(tmp_path):
     model = CIFAR10CNN(width=4)
     variables = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
@@ -207,7 +213,7 @@ def test_a_failed_save_says_so_and_keeps_the_previous_file(tmp_path, monkeypatch
     def disk_full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoints.os, "fsync", disk_full)
+    monkeypatch.setattr(xai_io.os, "fsync", disk_full)
     with pytest.raises(OSError, match=r"could not write .*model.pkl.* \(No space left on "
                                       r"device\); the previous file is unchanged"):
         tc.save_checkpoint(path, model, variables)
@@ -259,6 +265,7 @@ def _contents(folder):
     return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())}
 
 
+@pytest.mark.slow
 def test_a_fresh_run_never_touches_another_runs_states(trained, synthetic_data):
     config, _, _, states = trained
     before = _contents(states)
@@ -269,6 +276,7 @@ def test_a_fresh_run_never_touches_another_runs_states(trained, synthetic_data):
     assert _contents(states) == before
 
 
+@pytest.mark.slow
 def test_a_fresh_run_of_an_unfinished_run_says_how_to_resume_it(trained, synthetic_data,
                                                                  tmp_path):
     config, _, _, states = trained
@@ -285,6 +293,7 @@ def test_a_fresh_run_of_an_unfinished_run_says_how_to_resume_it(trained, synthet
     assert sorted(p.name for p in stopped.iterdir()) == ["state_0002.pkl"]
 
 
+@pytest.mark.slow
 def test_a_fresh_run_of_a_finished_run_starts_it_over(trained, synthetic_data, tmp_path):
     config, state, metrics, states = trained
     again = tmp_path / "again"
@@ -303,6 +312,7 @@ def test_a_fresh_run_of_a_finished_run_starts_it_over(trained, synthetic_data, t
     assert all(jax.tree.leaves(same))
 
 
+@pytest.mark.slow
 def test_resuming_nothing_names_the_other_runs_of_that_checkpoint(trained, synthetic_data,
                                                                   tmp_path):
     config, _, _, states = trained

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+import checkpoints
 import cifar10_data
 import train_cifar10 as tc
 from cifar10_cnn_model import CIFAR10CNN
@@ -99,6 +100,7 @@ def test_the_printed_resume_command_resumes_the_same_run(monkeypatch):
         assert tc.parse_args(words[2:]) == dataclasses.replace(config, resume=True), argv
 
 
+@pytest.mark.slow
 def test_train_steps_lower_the_loss_on_a_fixed_batch(synthetic_data):
     model = CIFAR10CNN(width=4)
     state = tc.create_train_state(model, CONFIG, jax.random.key(0))
@@ -132,6 +134,7 @@ def test_eval_step_matches_the_model_in_eval_mode(trained, synthetic_data):
     np.testing.assert_array_equal(per_example["correct"][:16], out["correct"])
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_reports_history_and_both_test_accuracies(trained):
     _, _, metrics = trained
     assert [row["epoch"] for row in metrics["history"]] == [1, 2]
@@ -150,6 +153,7 @@ def test_test_accuracy_is_reported_on_the_exact_first_1000_records():
     assert tc.summarize(per_example) == {"accuracy": 0.5, "loss": 0.5}
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_params_and_another_seed_does_not(trained, synthetic_data):
     _, state, _ = trained
     _, again, _ = tc.train_and_evaluate(CONFIG, data=synthetic_data)
@@ -244,6 +248,7 @@ def test_load_checkpoint_errors_name_the_file(tmp_path):
         tc.load_checkpoint(tmp_path / "short.pkl")
 
 
+@pytest.mark.slow
 def test_main_writes_checkpoint_report_and_plot(synthetic_data, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cifar10_data, "load_cifar10", lambda data_dir: synthetic_data)
     out = tmp_path / "run" / "model.pkl"
@@ -267,6 +272,7 @@ def test_main_writes_checkpoint_report_and_plot(synthetic_data, tmp_path, monkey
     assert captured.err == ""  # --quiet: no progress bars
 
 
+@pytest.mark.slow
 def test_batch_larger_than_the_training_split_is_refused(synthetic_data):
     config = dataclasses.replace(CONFIG, batch_size=64)  # 48 images after a 25 % split
     with pytest.raises(ValueError, match="batch_size must be at most the 48 training images "
@@ -326,6 +332,7 @@ def test_eval_step_tta_averages_the_logits_of_the_image_and_its_mirror(trained,
             logits, batch["label"]), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_default_recipe_trains_and_reports_tta(synthetic_data):
     config = dataclasses.replace(CONFIG, recipe="default", lr=0.05)
     _, state, metrics = tc.train_and_evaluate(config, data=synthetic_data)
@@ -338,25 +345,25 @@ def test_default_recipe_trains_and_reports_tta(synthetic_data):
 def test_default_checkpoint_prefers_your_own_then_the_pretrained_one(tmp_path, monkeypatch,
                                                                       capsys):
     monkeypatch.chdir(tmp_path)
-    assert tc.default_checkpoint() == tc.PRETRAINED
-    assert tc.PRETRAINED.parent.name == "pretrained"
+    assert checkpoints.default_checkpoint() == checkpoints.PRETRAINED
+    assert checkpoints.PRETRAINED.parent.name == "pretrained"
     model = CIFAR10CNN(width=4)
     variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     tc.save_checkpoint("cifar10_model.pkl", model, variables)
-    assert tc.default_checkpoint() == Path("cifar10_model.pkl")
+    assert checkpoints.default_checkpoint() == Path("cifar10_model.pkl")
     loaded, _ = tc.load_checkpoint()
     assert loaded.width == 4
     assert "loading cifar10_model.pkl" in capsys.readouterr().out
     # one line says which checkpoint it is and what its training measured
-    assert tc.describe_checkpoint("cifar10_model.pkl") == (
+    assert checkpoints.describe_checkpoint("cifar10_model.pkl") == (
         "cifar10_model.pkl: no test accuracy recorded")
     tc.save_checkpoint("mine.pkl", model, variables, metrics={
         "test_accuracy_first1000": 0.42, "test_accuracy": 0.405})
-    assert tc.describe_checkpoint("mine.pkl") == (
+    assert checkpoints.describe_checkpoint("mine.pkl") == (
         "mine.pkl: recorded test accuracy 42.0% on the first 1,000 test records, "
         "40.5% on all")
-    assert tc.describe_checkpoint(tc.PRETRAINED).startswith(
-        f"{tc.PRETRAINED} (the shipped checkpoint): recorded test accuracy 93.0% on the "
+    assert checkpoints.describe_checkpoint(checkpoints.PRETRAINED).startswith(
+        f"{checkpoints.PRETRAINED} (the shipped checkpoint): recorded test accuracy 93.0% on the "
         "first 1,000 test records")
 
 
@@ -382,6 +389,7 @@ def trained_default(synthetic_data):
     return tc.train_and_evaluate(PARALLEL_CONFIG, data=synthetic_data)
 
 
+@pytest.mark.slow
 def test_data_parallel_training_matches_one_device(trained_default, synthetic_data, tmp_path):
     """The default recipe's steps (augmentation, dropout, BatchNorm over the whole batch)
     on 4 forced CPU devices, a whole epoch in one `lax.scan` as on a GPU, give the
@@ -412,6 +420,7 @@ def test_data_parallel_training_matches_one_device(trained_default, synthetic_da
                                    rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 def test_bf16_precision_keeps_parameters_batchnorm_and_loss_in_float32(synthetic_data):
     config = dataclasses.replace(CONFIG, recipe="default", lr=0.05, precision="bf16", epochs=1)
     model, state, metrics = tc.train_and_evaluate(config, data=synthetic_data)
@@ -422,5 +431,5 @@ def test_bf16_precision_keeps_parameters_batchnorm_and_loss_in_float32(synthetic
     logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
                          jnp.zeros((2, 32, 32, 3)))
     assert logits.dtype == jnp.float32
-    assert tc.architecture_record(model) == ("CIFAR10CNN", {"num_classes": 10, "width": 4,
+    assert checkpoints.architecture_record(model) == ("CIFAR10CNN", {"num_classes": 10, "width": 4,
                                                             "dropout_rate": 0.5})

@@ -264,11 +264,13 @@ def test_uint8_images_are_divided_by_255(explainers, tiny_variables, images):
     np.testing.assert_array_equal(from_u8, from_float)
 
 
-def test_explainers_trace_once_per_shape(monkeypatch, tiny_model, tiny_variables, images):
+def test_explainers_trace_once_per_shape(request, tiny_model, tiny_variables, images):
     for name in ("gradcam", "saliency", "smoothgrad"):
         spec = xv.METHODS[name]
-        monkeypatch.setitem(xv.METHODS, name,
-                            spec._replace(fn=chex.assert_max_traces(spec.fn, n=1)))
+        xv.register(name, spec._replace(fn=chex.assert_max_traces(spec.fn, n=1)),
+                    replace=True)
+        request.addfinalizer(lambda name=name, spec=spec: xv.register(name, spec,
+                                                                      replace=True))
     gradcam, saliency = GradCAM(tiny_model), SaliencyMap(tiny_model)
     params, batch_stats = _pb(tiny_variables)
     for k, target in enumerate([None, 3, np.arange(8) % 10, np.int64(2)]):
