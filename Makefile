@@ -14,11 +14,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-compile -r requirements.txt
 	touch $@
 
-# Two workers, each taking whole files (so module fixtures and jitted functions are
-# built once): the suite is mostly XLA compilation, one core each (its measured cold
-# times on the 2-core CPU are in docs/tests.md).
+# Every test, slow ones included, on two workers (pytest.ini; the measured cold times on
+# the 2-core CPU are in docs/tests.md). `pytest -m "not slow"` is the quick loop.
 test: $(VENV)/.installed chromium
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest
 
 # The browser test drives Debian's chromium (Playwright downloads no browser); installed
 # here when it is missing and we are root, as on CI.

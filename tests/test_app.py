@@ -284,6 +284,7 @@ def test_your_checkpoint_joins_the_list_where_it_exists(monkeypatch, tmp_path):
         "other.pkl", "cifar10_model.pkl", str(checkpoints.PRETRAINED)]
 
 
+@pytest.mark.slow
 def test_the_explorers_explainers_give_the_maps_of_explain(checkpoint):
     """Every method the explorer offers for the checkpoint (LRP with each composite), as
     the page computes it (variables as arguments), against `xv.explain` with the same

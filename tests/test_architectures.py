@@ -94,6 +94,7 @@ def test_the_vit_uses_its_position_embeddings(zoo, images):
                                apply({"params": flat}, shuffled), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(TINY))
 def test_every_method_explains_every_architecture_or_says_why_not(name, zoo, images):
     """One compiled program per architecture runs every method that applies; the others

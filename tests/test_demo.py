@@ -43,6 +43,7 @@ def tiny_resnet(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_demo_writes_every_figure(checkpoint, tiny_resnet, data, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cifar10_data, "load_cifar10", lambda data_dir: data)
     # the architectures figure explains every shipped network: tiny ones here

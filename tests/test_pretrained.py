@@ -50,6 +50,7 @@ def test_pretrained_report_holds_config_history_accuracies_device_and_command(na
 
 @pytest.mark.skipif(not os.environ.get("CIFAR10_DIR"),
                     reason="CIFAR10_DIR is not set (.ci/run sets it)")
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SHIPPED))
 def test_pretrained_accuracy_is_what_its_report_says(name):
     data = load_cifar10(os.environ["CIFAR10_DIR"])

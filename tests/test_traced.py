@@ -15,6 +15,8 @@ import xai_lrp
 import xai_visualizations as xv
 from architectures import MODELS
 
+pytestmark = pytest.mark.slow  # every method and option set, on three architectures
+
 INSTANCES = {
     "cnn": dict(width=32),
     "resnet20": dict(width=32, blocks_per_stage=1),
