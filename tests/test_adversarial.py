@@ -289,6 +289,7 @@ def test_adversarial_training_trains_on_pgd_examples(tiny_model):
     assert np.isfinite(float(metrics["loss"])) and int(new.step) == 1
 
 
+@pytest.mark.slow
 def test_robustness_card_from_a_tiny_run(relu_net, tmp_path):
     import robustness_xai as rx
     from cifar10_data import Cifar10

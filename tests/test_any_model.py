@@ -154,6 +154,7 @@ CASES = [(name, method) for name in MODELS for method in xv.METHODS
          if method not in MODELS[name][3]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, method", CASES)
 def test_every_method_explains_every_model_alone_as_in_a_batch(name, method, zoo, images,
                                                                monkeypatch, request):

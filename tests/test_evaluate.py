@@ -24,6 +24,7 @@ def checkpoint(tiny_model, tiny_variables, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_evaluation_writes_a_card_per_method_tables_and_figures(checkpoint, data,  # noqa: F811
                                                                  tmp_path, monkeypatch,
                                                                  capsys):

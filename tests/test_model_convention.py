@@ -87,6 +87,7 @@ EVAL = dict(num_images=8, chunk=4, randomization_images=2, step=16, batch_size=6
             faithfulness_subsets=4, infidelity_perturbations=2, focus_mosaics=0, quiet=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["train flag", "plain function"])
 def test_the_saliency_card_runs_on_both(kind, setup, data, tmp_path):
     model, variables, plain, *_ = setup
@@ -107,6 +108,7 @@ def test_the_saliency_card_runs_on_both(kind, setup, data, tmp_path):
     assert report["accuracy"] == pytest.approx(np.mean(labels == data.test_labels))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["train flag", "plain function"])
 def test_the_robustness_card_runs_on_both(kind, setup, data, tmp_path):
     model, variables, plain, *_ = setup

@@ -56,6 +56,7 @@ class Small(nn.Module):
         return nn.Dense(5)(jnp.mean(nn.relu(nn.Conv(4, (3, 3))(x)), axis=(1, 2)))
 
 
+@pytest.mark.slow
 def test_one_register_call_adds_a_method_everywhere(toy, tiny_model, tiny_variables,
                                                     tmp_path):
     small = Small()
