@@ -286,7 +286,8 @@ def run_demo(config: DemoConfig, model, variables, data: cifar10_data.Cifar10):
         stack = np.stack(raws + [random_map])
         found = evidence_fn(variables, np.repeat(image[None], len(stack), 0), stack,
                             np.full(len(stack), -1, np.int32))
-        evidence = {name: xai_metrics.Evidence(*(np.asarray(v)[j] for v in found))
+        found = xai_metrics.Evidence(*(np.asarray(v) for v in found))  # one transfer
+        evidence = {name: xai_metrics.Evidence(*(v[j] for v in found))
                     for j, name in enumerate(list(maps) + ["random"])}
         # The top-3 and the true class; the top-4th when the true class is in the top-3,
         # so that every call has the same shape and compiles once.

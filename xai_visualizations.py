@@ -972,11 +972,10 @@ def _compile(method, fn, model, apply_kwargs, batch_size, options, raw=False):
     function is `fn` (a replaced registry entry gets programs of its own), with the
     options that are not `traced` closed over: `_scored` maps, or with `raw` the
     method's own `Attribution` (unreduced)."""
-    if raw:
-        defaults = METHODS[method].defaults
+    if raw:  # `options` are `check_options`' (every default filled in), less the traced
         return jit_by_batch(lambda variables, images, targets, key, traced: fn(
             model, variables, images, targets, key, batch_size=batch_size,
-            apply_kwargs=dict(apply_kwargs), **{**defaults, **dict(options), **traced}))
+            apply_kwargs=dict(apply_kwargs), **dict(options), **traced))
     return jit_by_batch(functools.partial(_scored, method, model, apply_kwargs, batch_size,
                                           dict(options)), static_argnames="normalize")
 
