@@ -12,6 +12,7 @@ Module paths (`xai_visualizations.layers(model, variables)` lists them with shap
     ViT:      patch_embed, encoder/layer_0..layer_{depth-1}, encoder/norm, head
 """
 
+import functools
 from typing import Any, Callable, ClassVar, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 
 from cifar10_cnn_model import CIFAR10_MEAN, CIFAR10_STD, CIFAR10CNN, model_config
 from xai_core import check_batch
+from xai_layers import DepthwiseConv
 
 
 def standardize(x):
@@ -82,18 +84,21 @@ class BasicBlock(nn.Module):
 
 
 class Stage(nn.Module):
-    """`blocks` basic blocks; the first one strides by `stride`."""
+    """`blocks` blocks (basic blocks unless `block` says otherwise, called with
+    features, stride and dtype); the first one strides by `stride`."""
 
     features: int
     blocks: int
     stride: int
     dtype: Any = jnp.float32
+    block: Callable = None
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
+        block = self.block or BasicBlock
         for i in range(self.blocks):
-            x = BasicBlock(self.features, self.stride if i == 0 else 1, self.dtype,
-                           name=f"block{i + 1}")(x, train=train)
+            x = block(features=self.features, stride=self.stride if i == 0 else 1,
+                      dtype=self.dtype, name=f"block{i + 1}")(x, train=train)
         return x
 
 
@@ -263,6 +268,203 @@ class ViT(nn.Module):
         return self.head(x[:, 0]).astype(jnp.float32)
 
 
+# ---------------------------------------------------------------- Compact Convolutional Transformer
+
+
+class ConvTokenizer(nn.Module):
+    """CCT's tokenizer: per entry of `features`, a 3x3 convolution without bias, ReLU
+    and a 3x3 max pooling of stride 2 ('SAME'); 32x32 images give 8x8 tokens after two."""
+
+    features: Tuple[int, ...]
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        for i, features in enumerate(self.features):
+            x = nn.Conv(features, (3, 3), padding=1, use_bias=False, kernel_init=_he_normal,
+                        dtype=self.dtype, name=f"conv{i + 1}")(x)
+            x = nn.max_pool(nn.relu(x), (3, 3), (2, 2), padding="SAME")
+        return x
+
+
+class SequencePool(nn.Module):
+    """Sequence pooling (Hassani et al. 2021): Σ_t w_t x_t with w = softmax_t(x_t · g + b),
+    the tokens weighted by an attention the model learns. The weights (N, T) are sown as
+    `intermediates/.../pooling`, which attention rollout reads as the classifier's row."""
+
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scores = nn.Dense(1, dtype=self.dtype, name="score")(x)[..., 0]
+        weights = nn.softmax(scores.astype(jnp.float32), axis=-1)
+        self.sow("intermediates", "pooling", weights)
+        return jnp.einsum("nt,ntd->nd", weights.astype(x.dtype), x)
+
+
+class CCT(nn.Module):
+    """A Compact Convolutional Transformer for 32x32 images (Hassani et al. 2021, CCT-L/3xK).
+
+    A convolutional tokenizer (`ConvTokenizer`: 3x3 convolutions of `tokenizer`
+    channels, then `width`, each with ReLU and a stride-2 max pooling) gives 8x8 = 64
+    tokens of `width`; learned position embeddings; `depth` pre-norm encoder layers
+    (`EncoderLayer`: `heads` heads of `SelfAttention`, which sows its attention, and an
+    MLP of `mlp_ratio` x `width`); a final LayerNorm; sequence pooling (`SequencePool`)
+    instead of a class token; a Dense head. Module paths: tokenizer (conv1, conv2),
+    encoder/layer_0..layer_{depth-1}, encoder/norm, pool, head.
+
+    Its explanation layer is the final LayerNorm's tokens (N, 64, width), laid on their
+    8x8 grid in the tokenizer's row-major order: every token reaches the head through
+    the pooling, so, unlike the ViT's class-token readout, the last tokens have
+    gradients.
+    """
+
+    num_classes: int = 10
+    width: int = 128
+    depth: int = 2
+    heads: int = 2
+    mlp_ratio: int = 1
+    tokenizer: Tuple[int, ...] = (64,)
+    dtype: Any = jnp.float32
+    explanation_layer: ClassVar[str] = "encoder/norm"
+    input_shape: ClassVar[Tuple[int, int, int]] = (32, 32, 3)
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        check_batch(x, "CCT input x", channels=3, multiple=4, floating=True)
+        _check_fields(
+            "CCT", num_classes=(self.num_classes, _positive_int(self.num_classes),
+                                "an int >= 1"),
+            width=(self.width, _positive_int(self.width) and self.width % self.heads == 0,
+                   f"a positive multiple of heads={self.heads}"),
+            depth=(self.depth, _positive_int(self.depth), "an int >= 1"),
+            heads=(self.heads, _positive_int(self.heads), "an int >= 1"),
+            mlp_ratio=(self.mlp_ratio, _positive_int(self.mlp_ratio), "an int >= 1"))
+        x = ConvTokenizer(tuple(self.tokenizer) + (self.width,), self.dtype,
+                          name="tokenizer")(standardize(x))
+        n, h, w, d = x.shape
+        pos_embed = self.param("pos_embed", nn.initializers.normal(0.02), (1, h * w, d))
+        x = x.reshape(n, h * w, d) + pos_embed.astype(x.dtype)
+        x = Encoder(self.depth, self.heads, self.mlp_ratio * self.width, self.dtype,
+                    name="encoder")(x, train=train)
+        x = SequencePool(self.dtype, name="pool")(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(
+            jnp.float32)
+
+
+# ---------------------------------------------------------------- EfficientNet
+
+# Tan & Le (2019): variance-scaling (fan-out) normal initialisation for the convolutions.
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class SqueezeExcite(nn.Module):
+    """x · sigmoid(W2 silu(W1 mean_hw(x) + b1) + b2): a per-channel gate from the
+    image's own global average (Hu et al. 2018), `reduced` hidden units."""
+
+    reduced: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        s = jnp.mean(x, axis=(1, 2), keepdims=True)
+        s = nn.silu(nn.Dense(self.reduced, dtype=self.dtype, name="reduce")(s))
+        gate = nn.sigmoid(nn.Dense(x.shape[-1], dtype=self.dtype, name="expand")(s))
+        return x * gate
+
+
+class MBConv(nn.Module):
+    """The inverted residual block of MobileNetV2 with squeeze-and-excitation: a 1x1
+    expansion to `expand` x the input channels (skipped at 1), a depthwise kxk
+    convolution (`xai_layers.DepthwiseConv`) with `stride`, squeeze-and-excitation
+    reducing to a quarter of the block's input channels, and a linear 1x1 projection;
+    BatchNorm after each convolution, SiLU after the first two; the input is added
+    where the shapes allow (stride 1, same channels)."""
+
+    features: int
+    expand: int
+    kernel: int
+    stride: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        norm = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9,  # noqa
+                                         epsilon=1e-3, dtype=jnp.float32, name=name)
+        inputs, channels = x, x.shape[-1]
+        if self.expand != 1:
+            x = nn.Conv(channels * self.expand, (1, 1), use_bias=False, kernel_init=_conv_init,
+                        dtype=self.dtype, name="expand")(x)
+            x = nn.silu(norm("expand_bn")(x))
+        x = DepthwiseConv(self.kernel, self.stride, self.dtype, name="depthwise")(x)
+        x = nn.silu(norm("depthwise_bn")(x))
+        x = SqueezeExcite(max(1, channels // 4), self.dtype, name="squeeze_excite")(x)
+        x = nn.Conv(self.features, (1, 1), use_bias=False, kernel_init=_conv_init,
+                    dtype=self.dtype, name="project")(x)
+        x = norm("project_bn")(x)
+        if self.stride == 1 and channels == self.features:
+            x = x + inputs
+        return x
+
+
+# (expansion, kernel, stride, output channels, blocks) per stage
+# B0's stages (Tan & Le 2019, table 1) cut to what this 2-core CPU trains in the budget
+# (docs/architectures.md): B0's first six stages at 1, 2, 2, 2, 2 and 1 blocks, with
+# stride 1 at stage 4 so that 8x8 maps carry the middle of the network, as CIFAR
+# versions of MobileNetV2 keep their resolution. At `width` 16 (x0.5) the channels are
+# 8, 16, 24, 40, 56 and 80 and the network has 0.29 M parameters.
+EFFICIENTNET_STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2),
+                       (6, 3, 1, 80, 2), (6, 5, 2, 112, 2), (6, 5, 1, 160, 1))
+
+
+class EfficientNet(nn.Module):
+    """An EfficientNet-B0-style network for 32x32 images (Tan & Le 2019).
+
+    A stride-1 3x3 stem with `width` channels, MBConv stages given by `stages`
+    ((expansion, kernel, stride, channels, blocks) each, channels scaled by
+    `width` / 32 and rounded to multiples of 8 as B0's width multiplier is), a 1x1
+    convolution to `head_width` channels, global average pooling, dropout and a Dense
+    layer. SiLU and BatchNorm throughout. Module paths: stem, stage1..stage6 (each
+    block1.., with expand, depthwise, squeeze_excite, project), head_conv, head.
+    """
+
+    num_classes: int = 10
+    width: int = 16
+    stages: Tuple[Tuple[int, int, int, int, int], ...] = EFFICIENTNET_STAGES
+    head_width: int = 640
+    dropout: float = 0.2
+    dtype: Any = jnp.float32
+    input_shape: ClassVar[Tuple[int, int, int]] = (32, 32, 3)
+
+    @property
+    def explanation_layer(self) -> str:
+        """The last stage's output, as Grad-CAM's users take the last MBConv block."""
+        return f"stage{len(self.stages)}"
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        check_batch(x, "EfficientNet input x", channels=3, multiple=1, floating=True)
+        _check_fields("EfficientNet", num_classes=(
+            self.num_classes, _positive_int(self.num_classes), "an int >= 1"),
+            width=(self.width, _positive_int(self.width), "an int >= 1"))
+        norm = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9,  # noqa
+                                         epsilon=1e-3, dtype=jnp.float32, name=name)
+        scale = lambda c: max(8, int(c * self.width / 32 + 4) // 8 * 8)  # noqa: E731
+        x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, kernel_init=_conv_init,
+                    dtype=self.dtype, name="stem")(standardize(x))
+        x = nn.silu(norm("stem_bn")(x))
+        for s, (expand, kernel, stride, channels, blocks) in enumerate(self.stages):
+            x = Stage(scale(channels), blocks, stride, self.dtype, name=f"stage{s + 1}",
+                      block=functools.partial(MBConv, expand=expand, kernel=kernel))(
+                          x, train=train)
+        x = nn.Conv(self.head_width, (1, 1), use_bias=False, kernel_init=_conv_init,
+                    dtype=self.dtype, name="head_conv")(x)
+        x = nn.silu(norm("head_bn")(x))
+        x = nn.Dropout(self.dropout, deterministic=not train)(jnp.mean(x, axis=(1, 2)))
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(
+            jnp.float32)
+
+
 # ---------------------------------------------------------------- registry
 
 
@@ -293,6 +495,14 @@ MODELS = {
     "resnet20": Architecture(ResNet20, _fields("num_classes", "width", "blocks_per_stage"),
                              "channels of stage 1 (default 16)",
                              "He et al. 2016, Deep Residual Learning, sec. 4.2"),
+    "efficientnet": Architecture(
+        EfficientNet, _fields("num_classes", "width", "head_width", "dropout"),
+        "stem channels; the blocks' channels scale by width / 32 (default 16)",
+        "Tan & Le 2019, EfficientNet; Sandler et al. 2018, MobileNetV2"),
+    "cct": Architecture(
+        CCT, _fields("num_classes", "width", "depth", "heads", "mlp_ratio", "tokenizer"),
+        "the token width (default 128)",
+        "Hassani et al. 2021, Escaping the Big Data Paradigm with Compact Transformers"),
     "vit": Architecture(ViT, _fields("num_classes", "width", "depth", "heads", "mlp_ratio",
                                      "patch"),
                         "the token width (default 128)",

@@ -121,7 +121,8 @@ def load_checkpoint(path=None):
                              "run's checkpoint is the file its --output names")
         config = checkpoint["config"]
         architecture = config.get("architecture", DEFAULT_ARCHITECTURE)
-        fields = dict(config["model"])
+        # tuples (the CCT's tokenizer channels) come back from the file as lists
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config["model"].items()}
         variables = {k: checkpoint[k] for k in ("params", "batch_stats")
                      if k == "params" or checkpoint[k]}  # a model without BatchNorm has none
     except Exception as e:

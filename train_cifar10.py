@@ -67,11 +67,14 @@ RECIPES = {
     "adversarial": dict(lr=0.1, weight_decay=5e-3, label_smoothing=0.0, augment=True,
                         warmup_fraction=0.15, attack=(8 / 255, 2 / 255, 7)),
 }
-# Where an architecture's default recipe differs from the CNN's. The ViT takes AdamW
-# (transformers train badly with SGD), its usual decoupled weight decay of 0.05 on the
-# kernels, a 10 % warmup and gradient clipping at global norm 1.
+# Where an architecture's default recipe differs from the CNN's. The ViT and the CCT take
+# AdamW (transformers train badly with SGD), the usual decoupled weight decay of 0.05 on
+# the kernels, a 10 % warmup and gradient clipping at global norm 1; the CCT's peak
+# learning rate was chosen by short runs (docs/architectures.md).
 MODEL_RECIPES = {
     "vit": dict(optimizer="adamw", lr=1e-3, weight_decay=0.05, warmup_fraction=0.1,
+                clip_norm=1.0),
+    "cct": dict(optimizer="adamw", lr=1e-3, weight_decay=0.05, warmup_fraction=0.1,
                 clip_norm=1.0),
 }
 PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
@@ -83,7 +86,8 @@ def _help(text, **kwargs):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    model: str = _help("architecture: 'cnn' (the seed's), 'resnet20' or 'vit'",
+    model: str = _help("architecture: 'cnn' (the seed's), 'resnet20', 'efficientnet', "
+                       "'cct' or 'vit'",
                        default="cnn")
     recipe: str = _help("training recipe; 'default': SGD-Nesterov (AdamW for the ViT), "
                         "warmup + cosine, augmentation, label smoothing; 'seed': the "

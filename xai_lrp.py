@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex
 
+from xai_layers import DEPTHWISE
 from xai_models import CALLS, bind, closed, environment, inner_programs
 
 # ----------------------------------------------------------------------------------------
@@ -195,6 +196,8 @@ class LinearOp:
         return bind(self.eqn, [x, w])[0]
 
     def uniform(self, x):
+        if self.eqn.primitive.name in CALLS:  # xai_layers.depthwise_conv: no conv kernel
+            return bind(self.eqn, [x, jnp.ones(self.w_shape, x.dtype)])[0]
         if self.eqn.primitive.name == "dot_general":  # x @ W, W (in, out)
             total = jnp.sum(x, axis=-1, keepdims=True)
             return jnp.broadcast_to(total, x.shape[:-1] + self.w_shape[1:])
@@ -488,9 +491,9 @@ class _Run:
     def refuse(self, eqn, prefix, why):
         where = self.path(eqn, prefix) or "the model's top level"
         operation = eqn.primitive.name
-        if operation == "dot_general":
-            why = "multiplies two activations (attention has no LRP rule here: AttnLRP is " \
-                  "not implemented)"
+        if operation == "dot_general" or (operation == "mul" and "multiplies" in why):
+            why = ("multiplies two activations (attention, or a gate such as "
+                   "squeeze-and-excitation's: AttnLRP's product rules are not implemented)")
         return UnsupportedError(f"LRP cannot propagate relevance through `{operation}` at "
                                 f"{where}: it {why}. LRP here explains networks of "
                                 "convolutions, Dense layers, BatchNorm, activations, "
@@ -520,9 +523,13 @@ class _Run:
         return [_gate(_passing, (x,), outs[0])]
 
     def call_rule(self, step):
-        """A named activation (jax.nn.relu), else the called program, interpreted."""
+        """A named activation (jax.nn.relu), a depthwise convolution
+        (`xai_layers.depthwise_conv`, a linear layer), else the called program,
+        interpreted."""
         if _activation_name(step.eqn) is not None:
             return self.activation_rule(step)
+        if step.eqn.params.get("name") == DEPTHWISE:
+            return self.linear_rule(step)
         if _inner(step.eqn) is None:
             return self.unknown(step)
         inner, inner_consts = closed(_inner(step.eqn))
@@ -588,6 +595,8 @@ class _Run:
                     or tuple(rhs_contract) != (0,)):
                 raise self.refuse(eqn, prefix, "is a dot_general other than x @ W")
             out_axis, w_axis = x.ndim - 1, 1
+        elif name in CALLS:  # xai_layers.depthwise_conv: x NHWC, kernel (kh, kw, C)
+            out_axis, w_axis = x.ndim - 1, w.ndim - 1
         else:
             if eqn.params["batch_group_count"] != 1:
                 raise self.refuse(eqn, prefix, "is a convolution with batch groups")
@@ -610,7 +619,7 @@ class _Run:
             tail.append(nxt)
             tail_index.append(consumers[var][0])
             var = nxt.outvars[0]
-        kind = "conv" if name == "conv_general_dilated" else "dense"
+        kind = "dense" if name == "dot_general" else "conv"
         path = self.path(eqn, prefix)
         first = not self.layers
         if self.probe:

@@ -353,15 +353,28 @@ def guided_grad_cam(model, variables, images, targets, key=None, *, layer=None,
     return Attribution(grads * cams[..., None], logits, targets)
 
 
-def attention_probabilities(model, variables, images, apply_kwargs=None):
-    """(logits, [(N, heads, T, T), ...]): the attention probabilities a model sows as
-    `intermediates` named 'attention', in the order its layers ran (as
-    `architectures.SelfAttention` does); an empty list when it sows none."""
+class SownAttention(NamedTuple):
+    """What a model sows for attention rollout: its logits, each layer's attention
+    probabilities (N, heads, T, T) in the order its layers ran, and, for a model that
+    pools its tokens by attention (sequence pooling, `architectures.SequencePool`), the
+    pooling weights (N, T), else None."""
+
+    logits: jax.Array
+    layers: list
+    pooling: Optional[jax.Array]
+
+
+def attention_probabilities(model, variables, images, apply_kwargs=None) -> SownAttention:
+    """The attention probabilities a model sows as `intermediates` named 'attention'
+    (as `architectures.SelfAttention` does; an empty list when it sows none), and the
+    token pooling weights it sows as 'pooling' (None when it sows none)."""
     logits, state = model.apply(variables, images, mutable=["intermediates"],
                                 **dict(apply_kwargs or {}))
     flat = traverse_util.flatten_dict(state.get("intermediates", {}))
-    return logits, [a for path, values in flat.items() if path[-1] == "attention"
-                    for a in values]
+    sown = lambda name: [a for path, values in flat.items() if path[-1] == name  # noqa
+                         for a in values]
+    pooling = sown("pooling")
+    return SownAttention(logits, sown("attention"), pooling[-1] if pooling else None)
 
 
 def attention_rollout(model, variables, images, targets, key=None, *, head_fusion="mean",
@@ -371,15 +384,19 @@ def attention_rollout(model, variables, images, targets, key=None, *, head_fusio
 
     Each layer's attention is fused over its heads (`head_fusion`: the paper's mean, or
     max or min), mixed with the identity for the residual connection, Â = ½A + ½I, and
-    renormalised per row; the rollout is Â_L ⋯ Â_1. The map is the class token's row over
-    the patch tokens (T − 1 = s²), or, for a mean-pooled model (T = s²), the mean of all
-    rows, laid on the s × s grid and upsampled bilinearly to the image size. It does not
-    depend on the class: `targets` are only resolved and returned.
+    renormalised per row; the rollout is Â_L ⋯ Â_1. The map is the row of what the
+    classifier reads, laid on the s × s grid and upsampled bilinearly to the image size:
+    the class token's row over the patch tokens (T − 1 = s²); for a model that pools its
+    tokens by attention (sequence pooling, T = s²), the pooling weights' mix of the rows,
+    Σ_t w_t · rollout[t], since the classifier reads Σ_t w_t x_t; otherwise (a mean-pooled
+    model, T = s²) the mean of all rows. It does not depend on the class: `targets` are
+    only resolved and returned.
 
     Returns:
         Attribution with maps (N, H, W) >= 0.
     """
-    logits, attentions = attention_probabilities(model, variables, images, apply_kwargs)
+    logits, attentions, pooling = attention_probabilities(model, variables, images,
+                                                          apply_kwargs)
     fuse = {"mean": jnp.mean, "max": jnp.max, "min": jnp.min}[head_fusion]
     tokens = attentions[0].shape[-1]
     rollout = jnp.eye(tokens)[None]
@@ -391,7 +408,8 @@ def attention_rollout(model, variables, images, targets, key=None, *, head_fusio
         flow = rollout[:, 0, 1:]
     else:
         side = math.isqrt(tokens)
-        flow = jnp.mean(rollout, axis=1)
+        flow = (jnp.mean(rollout, axis=1) if pooling is None
+                else jnp.einsum("nt,ntk->nk", pooling, rollout))
     grid = flow.reshape(-1, side, side)
     maps = jax.image.resize(grid, images.shape[:3], method="bilinear")
     return Attribution(maps, logits, resolve_targets(logits, targets))
@@ -512,9 +530,9 @@ def _needs_attention(model, image_shape, apply_kwargs):
     if not is_module(model):
         return "attention rollout needs a linen model that sows its attention"
     variables = abstract_variables(model, image_shape, frozen_kwargs(apply_kwargs))
-    _, attentions = jax.eval_shape(
+    attentions = jax.eval_shape(
         lambda v, x: attention_probabilities(model, v, x, apply_kwargs), variables,
-        jax.ShapeDtypeStruct(image_shape, jnp.float32))
+        jax.ShapeDtypeStruct(image_shape, jnp.float32)).layers
     if not attentions:
         return (f"attention rollout needs a model that sows its attention probabilities "
                 f"(N, heads, T, T) as intermediates named 'attention', as "

@@ -12,11 +12,17 @@ import pytest
 
 import xai_metrics as xm
 import xai_visualizations as xv
-from architectures import MODELS, BasicBlock, ResNet20, ViT, registry_name
+from architectures import CCT, MODELS, BasicBlock, EfficientNet, ResNet20, ViT, registry_name
 from checkpoints import load_checkpoint, save_checkpoint
 
 # Tiny members of each family, for the tests that run them.
-TINY = {"resnet20": ResNet20(width=4), "vit": ViT(width=8, depth=2, heads=2)}
+TINY = {"resnet20": ResNet20(width=4), "vit": ViT(width=8, depth=2, heads=2),
+        "efficientnet": EfficientNet(width=8, head_width=16),
+        "cct": CCT(width=8, depth=1, heads=2, tokenizer=(4,))}
+# What each architecture refuses, by name (the reasons are tested in test_layers.py).
+REFUSED = {"resnet20": ["attention_rollout"], "vit": ["guided_backprop", "guided_gradcam", "lrp"],
+           "efficientnet": ["attention_rollout", "guided_backprop", "guided_gradcam", "lrp"],
+           "cct": ["lrp"]}
 OPTIONS = {"smoothgrad": {"n_samples": 2}, "integrated_gradients": {"steps": 2},
            "rise": {"n_masks": 8}, "occlusion": {"patch": 16, "stride": 16},
            "lime": {"n_samples": 16, "n_segments": 8}, "kernel_shap": {"n_samples": 16, "n_segments": 8}}
@@ -49,6 +55,9 @@ def test_parameter_counts_are_pinned():
     assert count(abstract(ViT())["params"]) == 811_146
     assert count(abstract(MODELS["cnn"].build())["params"]) == 1_873_354
     assert "batch_stats" not in abstract(ViT())  # LayerNorm only
+    # Hassani et al. 2021 give 0.28 M for CCT-2/3x2
+    assert count(abstract(CCT())["params"]) == 284_491
+    assert count(abstract(EfficientNet())["params"]) == 285_908
 
 
 def test_resnet20_has_twenty_weight_layers_and_the_papers_shapes():
@@ -102,8 +111,7 @@ def test_every_method_explains_every_architecture_or_says_why_not(name, zoo, ima
     model, variables = zoo[name]
     fits = [m for m in xv.METHODS if not xv.unsupported(m, model)]
     refused = sorted(set(xv.METHODS) - set(fits))
-    assert refused == {"resnet20": ["attention_rollout"],
-                       "vit": ["guided_backprop", "guided_gradcam", "lrp"]}[name]
+    assert refused == REFUSED[name]
     for method in refused:
         with pytest.raises(ValueError, match=f"method '{method}' cannot explain {type(model).__name__}"):
             xv.Explainer(model, method)
@@ -125,11 +133,11 @@ def test_every_method_explains_every_architecture_or_says_why_not(name, zoo, ima
     # ViT's last-layer *output* tokens, which the head never reads, would be).
     _, grads, _, _ = jax.jit(xv.layer_gradients, static_argnums=0)(
         model, variables, images, jnp.full((2,), xv.PREDICTED))
-    assert grads.shape[1:3] == {"resnet20": (8, 8), "vit": (8, 8)}[name]
+    assert grads.shape[1:3] == {"efficientnet": (4, 4)}.get(name, (8, 8))
     assert np.abs(grads).max() > 0
 
 
-@pytest.mark.parametrize("name", ["resnet20", "vit"])
+@pytest.mark.parametrize("name", list(TINY))
 def test_load_checkpoint_rebuilds_each_architecture(name, tmp_path):
     model = TINY[name]
     variables = jax.tree.map(lambda leaf: np.full(leaf.shape, 0.5, leaf.dtype),
@@ -148,8 +156,8 @@ def test_an_unknown_architecture_is_refused_by_name(tmp_path):
     path = tmp_path / "other.pkl"
     with open(path, "wb") as f:
         pickle.dump({"params": {}, "batch_stats": {}, "metrics": {},
-                     "config": {"architecture": "EfficientNet", "model": {}}}, f)
-    with pytest.raises(ValueError, match="holds a 'EfficientNet'.*it knows.*'ResNet20', 'ViT'"):
+                     "config": {"architecture": "ConvNeXt", "model": {}}}, f)
+    with pytest.raises(ValueError, match="holds a 'ConvNeXt'.*it knows.*'ResNet20',"):
         load_checkpoint(path)
 
 

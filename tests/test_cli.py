@@ -106,8 +106,9 @@ CASES = [
     ("train: zero epochs", "train", ["--epochs", "0"], 2, ["epochs must be >= 1, got 0"]),
     ("train: an unknown recipe", "train", ["--recipe", "adamw"], 2,
      ["argument --recipe: invalid choice: 'adamw'"]),
-    ("train: an unknown architecture", "train", ["--model", "efficientnet"], 2,
-     ["argument --model: invalid choice: 'efficientnet' (choose from 'cnn', 'resnet20', 'vit')"]),
+    ("train: an unknown architecture", "train", ["--model", "convnext"], 2,
+     ["argument --model: invalid choice: 'convnext' (choose from 'cnn', 'resnet20', "
+      "'efficientnet', 'cct', 'vit')"]),
     ("train: an output inside a file", "train", ["--smoke", "--output", "{a_file}/m.pkl"], 2,
      ["--output ", "a_file/m.pkl' cannot be written", "is a file, not a folder"]),
     # ---------------------------------------------------------------- demo
