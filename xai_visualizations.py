@@ -879,9 +879,54 @@ def explain(method, model, variables, images, targets=None, key=None, *, batch_s
     images = jnp.asarray(images)
     targets = (jnp.full((images.shape[0],), PREDICTED, jnp.int32) if targets is None
                else jnp.asarray(targets, jnp.int32))
-    out = spec.fn(model, variables, images, targets, key, batch_size=batch_size,
-                  apply_kwargs=apply_kwargs, **{**spec.defaults, **options})
-    return out._replace(maps=spec.reduce(out.maps))
+    options = {**spec.defaults, **options}
+    program = (_program(method, spec, model, apply_kwargs, batch_size, options)
+               if _concrete(variables, images, targets, key, options) else None)
+    if program is None:  # under the user's trace, or options that cannot key a program
+        out = spec.fn(model, variables, images, targets, key, batch_size=batch_size,
+                      apply_kwargs=apply_kwargs, **options)
+    else:
+        out = program(variables, images, targets, key, _traced_options(spec, options))
+    return out._replace(maps=_reducer(spec.reduce)(out.maps))
+
+
+def _concrete(*trees) -> bool:
+    """Whether no leaf of `trees` is traced (an eager call, not one inside a jit)."""
+    return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
+
+
+def _traced_options(spec, options):
+    """The options a program takes as arguments (`Option.traced`), not closed over."""
+    return {k: v for k, v in options.items() if k in spec.options and spec.options[k].traced}
+
+
+def _program(method, spec, model, apply_kwargs, batch_size, options):
+    """The jitted program that explainer objects of these settings share (`_compile`),
+    or None when the settings cannot key one (an option holding an array). An eager
+    `explain` runs it, so that it gives an `Explainer`'s maps bit for bit: LRP-ε's
+    divisions carry a fused program's other order of float32 sums up to 2e-4 of a map's
+    scale."""
+    traced = _traced_options(spec, options)
+    key = (method, spec.fn, model, frozen_kwargs(apply_kwargs or {}), batch_size,
+           tuple(sorted((k, v) for k, v in options.items() if k not in traced)))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return _cached_build(_compile, *key)
+
+
+@functools.lru_cache(maxsize=None)
+def _reducer(reduce):
+    """`reduce` (a method's maps (N, H, W, C) -> (N, H, W)), jitted once per function."""
+    return jax.jit(reduce)
+
+
+@functools.partial(jax.jit, static_argnames="normalize")
+def _scored(maps, logits, targets, normalize):
+    """(maps, predicted classes, softmax probability of each explained class)."""
+    scores = target_logit(jax.nn.softmax(logits), targets)
+    return normalize_maps(maps) if normalize else maps, jnp.argmax(logits, -1), scores
 
 
 def check_options(method, model, options, image_shape=None, variables=None,
@@ -951,16 +996,6 @@ def _variables(params, batch_stats):
     return {"params": params, "batch_stats": batch_stats}
 
 
-def _scored(method, model, apply_kwargs, batch_size, options, variables, images, targets,
-            key, traced, normalize):
-    """(maps, predicted classes, softmax probability of each explained class)."""
-    out = explain(method, model, variables, images, targets, key, batch_size=batch_size,
-                  apply_kwargs=dict(apply_kwargs), **options, **traced)
-    scores = target_logit(jax.nn.softmax(out.logits), out.targets)
-    return (normalize_maps(out.maps) if normalize else out.maps,
-            jnp.argmax(out.logits, -1), scores)
-
-
 def _outputs(maps, preds, scores, single):
     """Numpy results; a single image gives (map (H, W), int, float)."""
     maps, preds, scores = np.asarray(maps), np.asarray(preds), np.asarray(scores)
@@ -985,17 +1020,14 @@ def _cached_build(build, *key):
     return build(*key)
 
 
-def _compile(method, fn, model, apply_kwargs, batch_size, options, raw=False):
-    """The one jitted program of explainer objects (`jit_by_batch`) of `method`, whose
-    function is `fn` (a replaced registry entry gets programs of its own), with the
-    options that are not `traced` closed over: `_scored` maps, or with `raw` the
-    method's own `Attribution` (unreduced)."""
-    if raw:  # `options` are `check_options`' (every default filled in), less the traced
-        return jit_by_batch(lambda variables, images, targets, key, traced: fn(
-            model, variables, images, targets, key, batch_size=batch_size,
-            apply_kwargs=dict(apply_kwargs), **dict(options), **traced))
-    return jit_by_batch(functools.partial(_scored, method, model, apply_kwargs, batch_size,
-                                          dict(options)), static_argnames="normalize")
+def _compile(method, fn, model, apply_kwargs, batch_size, options):
+    """The one jitted program (`jit_by_batch`) of `method`, whose function is `fn` (a
+    replaced registry entry gets programs of its own), with the options that are not
+    `traced` closed over: the method's own `Attribution`, maps unreduced. Explainer
+    objects and eager `explain` calls of the same settings share it."""
+    return jit_by_batch(lambda variables, images, targets, key, traced: fn(
+        model, variables, images, targets, key, batch_size=batch_size,
+        apply_kwargs=dict(apply_kwargs), **dict(options), **traced))
 
 
 class Explainer:
@@ -1063,9 +1095,9 @@ class Explainer:
                                                           target_class)
         seed = check_int("seed", seed, 0)
         key = jax.random.key(seed) if METHODS[self.method].sampling else None
-        out = self._explain(variables, images, targets, key, self._traced,
-                            normalize=bool(normalize))
-        return _outputs(*out, single)
+        out = self._explain(variables, images, targets, key, self._traced)
+        maps = _reducer(METHODS[self.method].reduce)(out.maps)
+        return _outputs(*_scored(maps, out.logits, out.targets, bool(normalize)), single)
 
     def visualize(self, image, heatmap, alpha=0.4, colormap="jet"):
         """The heatmap coloured by `colormap` over the image: float (H, W, 3) in [0, 1]."""
@@ -1079,7 +1111,7 @@ class IntegratedGradients(Explainer):
     def __init__(self, model, *, batch_size=256, apply_kwargs=None, **options):
         super().__init__(model, "integrated_gradients", batch_size=batch_size,
                          apply_kwargs=apply_kwargs, **options)
-        self._attributions = _shared(_compile, *self._key, True)
+        self._attributions = self._explain  # the unreduced Attribution
 
     def attributions(self, params, batch_stats, image, target_class=None):
         """(attributions (…, H, W, C), completeness gap (…)) for one image or a batch;

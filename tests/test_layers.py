@@ -11,7 +11,7 @@ import pytest
 
 import xai_lrp
 import xai_visualizations as xv
-from architectures import CCT, EfficientNet, MBConv, SequencePool, SqueezeExcite
+from architectures import CCT, EfficientNet, MBConv, SqueezeExcite
 from xai_layers import DepthwiseConv, depthwise_conv, same_padding
 
 

@@ -308,3 +308,20 @@ def test_flat_maps_under_jit_with_traced_weights_equal_the_eager_ones():
                                rtol=1e-4)
     np.testing.assert_allclose(jax.jit(maps)(variables, x), eager, rtol=1e-5,
                                atol=1e-5 * float(jnp.abs(eager).max()))
+
+
+def test_the_explainer_and_an_eager_explain_run_one_program_for_every_composite():
+    """An eager `xv.explain` runs the program an `Explainer` of the same settings runs,
+    so their maps are equal bit for bit: LRP-ε's divisions would otherwise carry two
+    programs' different orders of float32 sums to 2e-4 of a map's scale (the shipped
+    CNN, docs/benchmarks.md)."""
+    from architectures import MODELS
+    model = MODELS["cnn"].build(width=8)
+    images = jax.random.uniform(jax.random.key(8), (3, 32, 32, 3))
+    variables = jax.jit(model.init)(jax.random.key(9), images)
+    for composite in lrp.COMPOSITES:
+        objects = xv.LRP(model, composite=composite).explain(
+            variables["params"], variables["batch_stats"], images, normalize=False)[0]
+        plain = xv.explain("lrp", model, variables, images, composite=composite).maps
+        np.testing.assert_array_equal(objects, plain, err_msg=composite)
+        assert np.abs(plain).max() > 0

@@ -16,8 +16,8 @@ import xai_visualizations as xv
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ("core", {"xai_core", "xai_io", "xai_cache"}),
-    ("models and data", {"xai_models", "cifar10_cnn_model", "architectures", "checkpoints",
-                         "cifar10_data"}),
+    ("models and data", {"xai_models", "xai_layers", "cifar10_cnn_model", "architectures",
+                         "checkpoints", "cifar10_data"}),
     ("explainers", {"xai_lrp", "xai_surrogates", "xai_visualizations"}),
     ("metrics and attacks", {"xai_metrics", "xai_attacks", "adversarial"}),
     ("cards", {"xai_cards"}),
