@@ -1,7 +1,8 @@
-"""Training throughput of the CIFAR-10 CNN on the current JAX device.
+"""Training throughput of a model of the zoo on the current JAX device.
 
-    python benchmarks/bench_train.py                          # batch 128, fp32
+    python benchmarks/bench_train.py                          # the CNN, batch 128, fp32
     python benchmarks/bench_train.py --batch-size 128 256 512 --precision fp32 bf16
+    python benchmarks/bench_train.py --model efficientnet --width 24   # any architecture
 
 For each batch size and precision: the device, the compile time, images/s after
 compile and the seconds per epoch of 45,000 images (the 90 % training split). The steps
@@ -24,20 +25,20 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import xai_cli as cli  # noqa: E402
 import train_cifar10 as tc  # noqa: E402
-from cifar10_cnn_model import CIFAR10CNN  # noqa: E402
+from architectures import MODELS  # noqa: E402
 
 EPOCH_IMAGES = 45_000
 
 
 def bench(batch_size, precision, args, images, labels, replicated, split):
     """Returns (compile s, images/s, steps per call) for one configuration."""
-    config = tc.TrainConfig(batch_size=batch_size, width=args.width, seed=args.seed,
-                            recipe=args.recipe, precision=precision)
+    config = tc.TrainConfig(model=args.model, batch_size=batch_size, width=args.width,
+                            seed=args.seed, recipe=args.recipe, precision=precision)
     settings = tc.recipe(config)
     options = dict(augmented=settings["augment"], label_smoothing=settings["label_smoothing"],
                    sharding=split)
     key = jax.random.key(args.seed)
-    model = CIFAR10CNN(width=args.width, dtype=tc.PRECISIONS[precision])
+    model = tc.build_model(config)
     state = jax.device_put(tc.create_train_state(model, config, key, total_steps=10_000),
                            replicated)
     order = jax.device_put(tc.epoch_indices(key, EPOCH_IMAGES, batch_size), replicated)
@@ -72,8 +73,10 @@ def main(argv=None):
                              "else 3 epochs")
     parser.add_argument("--steps-per-call", type=cli.int_at_least(0), default=None,
                         help="0: a whole epoch per call; default: as in training")
-    parser.add_argument("--width", type=cli.int_at_least(1), default=64,
-                        help="64 is the reference network")
+    parser.add_argument("--model", default="cnn", choices=tuple(MODELS),
+                        help="the architecture, by its registry name")
+    parser.add_argument("--width", type=cli.int_at_least(1), default=None,
+                        help="the model's width; default: the architecture's")
     parser.add_argument("--seed", type=cli.int_at_least(0), default=0)
     parser.add_argument("--recipe", default="default", choices=tuple(tc.RECIPES),
                         help="'default' augments on the device and smooths labels")
@@ -89,7 +92,8 @@ def main(argv=None):
     images = jax.device_put(jax.random.randint(key, (EPOCH_IMAGES, 32, 32, 3), 0, 256,
                                                jnp.int32).astype(jnp.uint8), replicated)
     labels = jax.device_put(jax.random.randint(key, (EPOCH_IMAGES,), 0, 10), replicated)
-    print(f"device: {cli.describe_device()}, recipe {args.recipe}, width {args.width}")
+    print(f"device: {cli.describe_device()}, {args.model}, recipe {args.recipe}, width "
+          f"{args.width or 'default'}")
     print("| batch | precision | steps per call | compile s | img/s | s per epoch |")
     print("|---|---|---|---|---|---|")
     for precision in args.precision:
