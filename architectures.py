@@ -496,7 +496,7 @@ MODELS = {
                              "channels of stage 1 (default 16)",
                              "He et al. 2016, Deep Residual Learning, sec. 4.2"),
     "efficientnet": Architecture(
-        EfficientNet, _fields("num_classes", "width", "head_width", "dropout"),
+        EfficientNet, _fields("num_classes", "width", "stages", "head_width", "dropout"),
         "stem channels; the blocks' channels scale by width / 32 (default 16)",
         "Tan & Le 2019, EfficientNet; Sandler et al. 2018, MobileNetV2"),
     "cct": Architecture(

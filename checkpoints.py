@@ -121,8 +121,7 @@ def load_checkpoint(path=None):
                              "run's checkpoint is the file its --output names")
         config = checkpoint["config"]
         architecture = config.get("architecture", DEFAULT_ARCHITECTURE)
-        # tuples (the CCT's tokenizer channels) come back from the file as lists
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config["model"].items()}
+        fields = {k: _tuples(v) for k, v in config["model"].items()}
         variables = {k: checkpoint[k] for k in ("params", "batch_stats")
                      if k == "params" or checkpoint[k]}  # a model without BatchNorm has none
     except Exception as e:
@@ -139,6 +138,12 @@ def load_checkpoint(path=None):
                          f"config {fields} does not build a {architecture} ({e})") from None
     _check_structure(path, model, variables)
     return model, variables
+
+
+def _tuples(value):
+    """Lists as tuples, nested ones too (a model's tuple fields, e.g. the EfficientNet's
+    stages, hashable again however the config was stored)."""
+    return tuple(map(_tuples, value)) if isinstance(value, (list, tuple)) else value
 
 
 def shown(path) -> str:

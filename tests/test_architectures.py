@@ -17,7 +17,9 @@ from checkpoints import load_checkpoint, save_checkpoint
 
 # Tiny members of each family, for the tests that run them.
 TINY = {"resnet20": ResNet20(width=4), "vit": ViT(width=8, depth=2, heads=2),
-        "efficientnet": EfficientNet(width=8, head_width=16),
+        # two stages: no expansion and 6x, 3x3 and 5x5, strides 1 and 2, a residual block
+        "efficientnet": EfficientNet(width=8, head_width=16,
+                                     stages=((1, 3, 1, 16, 1), (6, 5, 2, 24, 2))),
         "cct": CCT(width=8, depth=1, heads=2, tokenizer=(4,))}
 # What each architecture refuses, by name (the reasons are tested in test_layers.py).
 REFUSED = {"resnet20": ["attention_rollout"], "vit": ["guided_backprop", "guided_gradcam", "lrp"],
@@ -133,7 +135,7 @@ def test_every_method_explains_every_architecture_or_says_why_not(name, zoo, ima
     # ViT's last-layer *output* tokens, which the head never reads, would be).
     _, grads, _, _ = jax.jit(xv.layer_gradients, static_argnums=0)(
         model, variables, images, jnp.full((2,), xv.PREDICTED))
-    assert grads.shape[1:3] == {"efficientnet": (4, 4)}.get(name, (8, 8))
+    assert grads.shape[1:3] == {"efficientnet": (16, 16)}.get(name, (8, 8))
     assert np.abs(grads).max() > 0
 
 
