@@ -153,6 +153,17 @@ class ResNet20(nn.Module):
 # ---------------------------------------------------------------- Vision Transformer
 
 
+def _check_transformer(model, name: str, **more):
+    """The ViT's and the CCT's shared field checks, and `more` of the same form."""
+    _check_fields(
+        name, num_classes=(model.num_classes, _positive_int(model.num_classes), "an int >= 1"),
+        width=(model.width, _positive_int(model.width) and model.width % model.heads == 0,
+               f"a positive multiple of heads={model.heads}"),
+        depth=(model.depth, _positive_int(model.depth), "an int >= 1"),
+        heads=(model.heads, _positive_int(model.heads), "an int >= 1"),
+        mlp_ratio=(model.mlp_ratio, _positive_int(model.mlp_ratio), "an int >= 1"), **more)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention that keeps its attention probabilities: they are sown
     as `intermediates/.../attention` (N, heads, T, T), which attention rollout reads."""
@@ -235,15 +246,8 @@ class ViT(nn.Module):
         return f"encoder/layer_{self.depth - 1}/norm1"
 
     def setup(self):
-        _check_fields(
-            "ViT", num_classes=(self.num_classes, _positive_int(self.num_classes),
-                                "an int >= 1"),
-            width=(self.width, _positive_int(self.width) and self.width % self.heads == 0,
-                   f"a positive multiple of heads={self.heads}"),
-            depth=(self.depth, _positive_int(self.depth), "an int >= 1"),
-            heads=(self.heads, _positive_int(self.heads), "an int >= 1"),
-            mlp_ratio=(self.mlp_ratio, _positive_int(self.mlp_ratio), "an int >= 1"),
-            patch=(self.patch, _positive_int(self.patch), "an int >= 1"))
+        _check_transformer(self, "ViT",
+                           patch=(self.patch, _positive_int(self.patch), "an int >= 1"))
         tokens = (self.input_shape[0] // self.patch) * (self.input_shape[1] // self.patch)
         self.patch_embed = nn.Conv(self.width, (self.patch, self.patch),
                                    (self.patch, self.patch), padding="VALID", dtype=self.dtype)
@@ -332,14 +336,7 @@ class CCT(nn.Module):
     @nn.compact
     def __call__(self, x, *, train: bool = False):
         check_batch(x, "CCT input x", channels=3, multiple=4, floating=True)
-        _check_fields(
-            "CCT", num_classes=(self.num_classes, _positive_int(self.num_classes),
-                                "an int >= 1"),
-            width=(self.width, _positive_int(self.width) and self.width % self.heads == 0,
-                   f"a positive multiple of heads={self.heads}"),
-            depth=(self.depth, _positive_int(self.depth), "an int >= 1"),
-            heads=(self.heads, _positive_int(self.heads), "an int >= 1"),
-            mlp_ratio=(self.mlp_ratio, _positive_int(self.mlp_ratio), "an int >= 1"))
+        _check_transformer(self, "CCT")
         x = ConvTokenizer(tuple(self.tokenizer) + (self.width,), self.dtype,
                           name="tokenizer")(standardize(x))
         n, h, w, d = x.shape
@@ -356,6 +353,12 @@ class CCT(nn.Module):
 
 # Tan & Le (2019): variance-scaling (fan-out) normal initialisation for the convolutions.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def _mbconv_norm(train, name):
+    """The EfficientNet's BatchNorm (momentum 0.9, ε 1e-3, float32) named `name`."""
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-3,
+                        dtype=jnp.float32, name=name)
 
 
 class SqueezeExcite(nn.Module):
@@ -389,8 +392,7 @@ class MBConv(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
-        norm = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9,  # noqa
-                                         epsilon=1e-3, dtype=jnp.float32, name=name)
+        norm = functools.partial(_mbconv_norm, train)
         inputs, channels = x, x.shape[-1]
         if self.expand != 1:
             x = nn.Conv(channels * self.expand, (1, 1), use_bias=False, kernel_init=_conv_init,
@@ -447,8 +449,7 @@ class EfficientNet(nn.Module):
         _check_fields("EfficientNet", num_classes=(
             self.num_classes, _positive_int(self.num_classes), "an int >= 1"),
             width=(self.width, _positive_int(self.width), "an int >= 1"))
-        norm = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9,  # noqa
-                                         epsilon=1e-3, dtype=jnp.float32, name=name)
+        norm = functools.partial(_mbconv_norm, train)
         scale = lambda c: max(8, int(c * self.width / 32 + 4) // 8 * 8)  # noqa: E731
         x = nn.Conv(self.width, (3, 3), padding=1, use_bias=False, kernel_init=_conv_init,
                     dtype=self.dtype, name="stem")(standardize(x))

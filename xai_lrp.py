@@ -392,6 +392,11 @@ _ROUTING = {"reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims"
 _AFFINE = {"add", "sub", "mul", "div", "neg", "convert_element_type"}
 
 
+# Why a product of two activations is refused.
+PRODUCT = ("multiplies two activations (attention, or a gate such as squeeze-and-excitation's: "
+           "AttnLRP's product rules are not implemented)")
+
+
 def _inner(eqn):
     found = inner_programs(eqn)
     return found[0] if len(found) == 1 else None
@@ -491,9 +496,8 @@ class _Run:
     def refuse(self, eqn, prefix, why):
         where = self.path(eqn, prefix) or "the model's top level"
         operation = eqn.primitive.name
-        if operation == "dot_general" or (operation == "mul" and "multiplies" in why):
-            why = ("multiplies two activations (attention, or a gate such as "
-                   "squeeze-and-excitation's: AttnLRP's product rules are not implemented)")
+        if operation == "dot_general":
+            why = PRODUCT
         return UnsupportedError(f"LRP cannot propagate relevance through `{operation}` at "
                                 f"{where}: it {why}. LRP here explains networks of "
                                 "convolutions, Dense layers, BatchNorm, activations, "
@@ -569,7 +573,8 @@ class _Run:
         """An activation with a constant (added, multiplied, divided by, a cast): R passes."""
         eqn, deps, name = step.eqn, step.deps, step.eqn.primitive.name
         if sum(deps) != 1:
-            raise self.refuse(eqn, step.prefix, "multiplies or divides two activations")
+            raise self.refuse(eqn, step.prefix, PRODUCT if name == "mul"
+                              else "divides two activations")
         if name == "div" and not deps[0]:
             raise self.refuse(eqn, step.prefix, "divides by an activation")
         outs = bind(eqn, step.values)

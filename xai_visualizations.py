@@ -1004,17 +1004,6 @@ def _outputs(maps, preds, scores, single):
     return maps, preds, scores
 
 
-def _shared(build, *key):
-    """`build(*key)`, made once per key while the key is hashable: explainer objects of
-    the same model, method, options and sizes share one jitted function, so a second
-    object compiles nothing. A key holding an array (a baseline image) builds anew."""
-    try:
-        hash(key)
-    except TypeError:
-        return build(*key)
-    return _cached_build(build, *key)
-
-
 @functools.lru_cache(maxsize=128)
 def _cached_build(build, *key):
     return build(*key)
@@ -1053,11 +1042,15 @@ class Explainer:
                                      layer_name=layer_name)
         self.batch_size = check_int("batch_size", batch_size, 1)
         spec = METHODS[method]
-        self._traced = {k: v for k, v in self.options.items() if spec.options[k].traced}
-        self._key = (method, spec.fn, model, frozen_kwargs(self.apply_kwargs),
-                     self.batch_size, tuple(sorted((k, v) for k, v in self.options.items()
-                                                   if k not in self._traced)))
-        self._explain = _shared(_compile, *self._key)
+        self._traced = _traced_options(spec, self.options)
+        # the program eager `explain` calls of these settings share; an option holding an
+        # array (a baseline image) cannot key one, and this object builds its own
+        self._explain = (_program(method, spec, model, self.apply_kwargs, self.batch_size,
+                                  self.options)
+                         or _compile(method, spec.fn, model, frozen_kwargs(self.apply_kwargs),
+                                     self.batch_size, tuple(sorted(
+                                         (k, v) for k, v in self.options.items()
+                                         if k not in self._traced))))
 
     @property
     def signed(self):
