@@ -712,7 +712,9 @@ def train_and_evaluate(config: TrainConfig, *, model=None, data=None):
         "test_loss": test_all["loss"],
         "compile_s": compile_s,
         "steps_per_call": block,
-        "wall_time_s": round(time.time() - start, 2),
+        "wall_time_s": round(time.time() - start, 2),  # this process only
+        "train_time_s": round(sum(row["train_s"] for row in history), 2),  # every epoch's
+        "resumed_after_epoch": start_epoch,
         "device": describe_device(),
     }
     return model, state, metrics

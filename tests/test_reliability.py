@@ -112,6 +112,11 @@ def test_resuming_a_finished_run_trains_nothing_more(trained, synthetic_data):
                                                     data=synthetic_data)
     assert again_metrics["history"] == metrics["history"]
     assert int(again.step) == int(state.step)
+    # the report of a resumed run still counts the training time of every epoch
+    assert metrics["resumed_after_epoch"] == 0 and again_metrics["resumed_after_epoch"] == 3
+    assert again_metrics["train_time_s"] == metrics["train_time_s"] == pytest.approx(
+        sum(row["train_s"] for row in metrics["history"]))
+    assert again_metrics["train_time_s"] > 0
 
 
 @pytest.mark.slow
