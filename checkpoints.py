@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import xai_compression as compression_lib
 from architectures import MODELS
 from xai_io import atomic_write, safe_pickle_load
 
@@ -34,8 +35,9 @@ ARCHITECTURES = {entry.cls.__name__: entry for entry in MODELS.values()}
 
 def architecture_record(model) -> tuple:
     """(class name, constructor arguments) that rebuild `model` from a checkpoint."""
+    cls = getattr(type(model), "_unquantized_type", type(model))  # a quantised model's too
     for name, entry in ARCHITECTURES.items():
-        if type(model) is entry.cls:
+        if cls is entry.cls:
             return name, entry.config(model)
     raise TypeError(f"model must be one of the architectures {tuple(ARCHITECTURES)} to be "
                     f"saved, got {type(model).__name__}")
@@ -67,22 +69,31 @@ def plain(tree):
 
 
 def save_checkpoint(path, model, variables, config: Optional[dict] = None,
-                    metrics: Optional[dict] = None):
+                    metrics: Optional[dict] = None, compression: Optional[dict] = None):
     """Writes {'params', 'batch_stats', 'config', 'metrics'} atomically as a plain pickle.
 
     `config` is the training config that produced the model (a dataclass or a dict), if
-    any.
+    any. A compressed model's file also records how it was compressed
+    (`config['compression']`: `compression`, merged with a quantised model's own record)
+    and stores a quantised model's kernels as integers with their scales, and its
+    activation statistics ('quant_stats').
     """
     architecture, fields = architecture_record(model)
     if dataclasses.is_dataclass(config):
         config = dataclasses.asdict(config)
+    record = {**(compression_lib.record(model) or {}), **(compression or {})}
+    quantized = "quantization" in record
     checkpoint = {
-        "params": plain(variables["params"]),
+        "params": plain(compression_lib.stored_params(model, variables) if quantized
+                        else variables["params"]),
         "batch_stats": plain(variables.get("batch_stats", {})),
         "config": plain({"architecture": architecture, "model": fields,
-                         "train": dict(config or {})}),
+                         "train": dict(config or {}),
+                         **({"compression": record} if record else {})}),
         "metrics": plain(metrics or {}),
     }
+    if quantized:
+        checkpoint["quant_stats"] = plain(variables.get("quant_stats", {}))
     atomic_write(path, lambda f: pickle.dump(checkpoint, f, protocol=4))
 
 
@@ -122,8 +133,13 @@ def load_checkpoint(path=None):
         config = checkpoint["config"]
         architecture = config.get("architecture", DEFAULT_ARCHITECTURE)
         fields = {k: _tuples(v) for k, v in config["model"].items()}
+        compression = config.get("compression")
         variables = {k: checkpoint[k] for k in ("params", "batch_stats")
                      if k == "params" or checkpoint[k]}  # a model without BatchNorm has none
+        stored = variables["params"]
+        if compression and "quantization" in compression:
+            compression_lib.check_scheme(compression["quantization"])
+            variables["params"] = compression_lib.dequantize(stored)
     except Exception as e:
         raise ValueError(f"checkpoint {str(path)!r} is not a readable cifar10-xai "
                          f"checkpoint ({type(e).__name__}: {e})") from None
@@ -137,7 +153,32 @@ def load_checkpoint(path=None):
         raise ValueError(f"checkpoint {str(path)!r} holds another architecture: its model "
                          f"config {fields} does not build a {architecture} ({e})") from None
     _check_structure(path, model, variables)
+    if compression and "quantization" in compression:
+        model, variables = compression_lib.restore(model, compression,
+                                                   {**variables, "params": stored})
+        stats = checkpoint.get("quant_stats") or {}
+        if stats:
+            _check_quant_stats(path, model, variables, stats)
+            variables = {**variables, "quant_stats": jax.tree.map(jnp.asarray, stats)}
     return model, variables
+
+
+def _check_quant_stats(path, model, variables, stats):
+    """The activation statistics a quantised model needs, with their shapes."""
+    example = (1,) + tuple(getattr(model, "input_shape", (32, 32, 3)))
+    _, expected = jax.eval_shape(
+        lambda x: model.apply(variables, x, mutable=["quant_stats"]),
+        jax.ShapeDtypeStruct(example, jnp.float32))
+    want = {jax.tree_util.keystr(p): v.shape for p, v in
+            jax.tree_util.tree_flatten_with_path(expected.get("quant_stats", {}))[0]}
+    try:
+        got = {jax.tree_util.keystr(p): np.shape(v) for p, v in
+               jax.tree_util.tree_flatten_with_path(stats)[0]}
+    except Exception as e:
+        raise ValueError(f"checkpoint {str(path)!r} holds malformed quant_stats ({e})") from None
+    if got != want:
+        raise ValueError(f"checkpoint {str(path)!r}: its activation statistics (quant_stats) "
+                         f"do not match its model; expected {want}, got {got}")
 
 
 def _tuples(value):

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ("core", {"xai_core", "xai_io", "xai_cache"}),
     ("models and data", {"xai_models", "xai_layers", "cifar10_cnn_model", "architectures",
-                         "checkpoints", "cifar10_data"}),
+                         "checkpoints", "cifar10_data", "xai_compression"}),
     ("explainers", {"xai_lrp", "xai_surrogates", "xai_visualizations"}),
     ("metrics and attacks", {"xai_metrics", "xai_attacks", "adversarial"}),
     ("cards", {"xai_cards"}),

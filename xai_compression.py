@@ -1,0 +1,293 @@
+"""Model compression: quantisation through Qwix and magnitude pruning, each recorded so
+that a compressed model is a checkpoint like any other.
+
+Quantisation (`quantize`) wraps a model of the zoo with Qwix's quantisation-aware
+provider (`qwix.QtProvider`): every convolution and Dense layer fake-quantises its
+kernel per output channel (symmetric, absmax) and, for the 'int8' scheme, its input
+activation per tensor with a static scale calibrated on images. Forward, that model
+computes exactly what Qwix's post-training (PTQ) model computes, whose integer weights
+are what a checkpoint stores; backward, the rounding passes gradients straight through
+(the straight-through estimator), so every gradient method explains the quantised
+network's function with the float network's local slopes. Qwix's PTQ model itself has a
+zero gradient through its rounding and cannot be explained by gradients.
+
+Pruning (`magnitude_masks`, `prune`, `keep_pruned`) zeroes the kernel weights of
+smallest magnitude over the whole network and keeps them zero through fine-tuning.
+
+A compression record, a plain dict, says what was done; `checkpoints.save_checkpoint`
+stores it and `checkpoints.load_checkpoint` rebuilds the model from it with `restore`.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from xai_core import check_batch, check_int
+
+# scheme -> (weight qtype, activation qtype): per-channel weights, per-tensor activations
+SCHEMES = {
+    "int8": ("int8", "int8"),  # weights and activations, activations calibrated
+    "int8_weights": ("int8", None),
+    "int4_weights": ("int4", None),
+}
+BITS = {"int8": 8, "int4": 4}
+QMAX = {"int8": 127, "int4": 7}
+# Symmetric absmax with the largest |w| of a channel at ±QMAX exactly. Qwix's absmax maps
+# it to QMAX + 0.5 (then clips); scaling its range by (QMAX + 0.5) / QMAX restores the
+# symmetric grid of TFLite and PyTorch, on which quantising the stored values again
+# gives them back: a stored model computes with exactly the weights it stores.
+WEIGHT_CALIBRATION = {q: f"absmax,{(m + 0.5) / m!r}" for q, m in QMAX.items()}
+
+
+def _qwix():
+    try:
+        import qwix  # optional: only compression needs it
+    except ImportError:
+        raise ImportError("quantisation needs Qwix: pip install 'qwix>=0.1.8'") from None
+    return qwix
+
+
+def check_scheme(scheme):
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {tuple(SCHEMES)}, got {scheme!r}")
+
+
+def check_sparsity(sparsity):
+    if (isinstance(sparsity, bool) or not isinstance(sparsity, (int, float))
+            or not 0 <= sparsity < 1):
+        raise ValueError(f"sparsity must be a fraction in [0, 1), got {sparsity!r}")
+
+
+def _rules(scheme):
+    weights, activations = SCHEMES[scheme]
+    return [_qwix().QtRule(module_path=".*", weight_qtype=weights, act_qtype=activations,
+                           act_static_scale=True if activations else None,
+                           weight_calibration_method=WEIGHT_CALIBRATION[weights])]
+
+
+def quantized_model(model, scheme):
+    """`model` with Qwix's fake quantisation of `scheme` in every conv and Dense layer.
+
+    The result is a subclass of the model's class with the same fields and module paths
+    (every explainer reads it as it reads `model`); `record(result)` gives its
+    compression record.
+    """
+    check_scheme(scheme)
+    qwix = _qwix()
+    qmodel = qwix.quantize_model(model, qwix.QtProvider(_rules(scheme)))
+    type(qmodel).compression = {"quantization": scheme}
+    return qmodel
+
+
+def record(model):
+    """The compression record of a model that `quantized_model` built, else None."""
+    return getattr(type(model), "compression", None)
+
+
+def calibrate(qmodel, variables, images, *, batch_size=256, quiet=True):
+    """`variables` with the activation statistics of `qmodel` over `images` (the mean
+    over images of each quantised layer input's absolute maximum), the static scales of
+    the 'int8' scheme. Images are floats in [0, 1], (N, H, W, C)."""
+    check_batch(images, "calibration_images", floating=True)
+    check_int("batch_size", batch_size, 1)
+    variables = _arrays({k: v for k, v in variables.items() if k != "quant_stats"})
+
+    stats = {}  # eager: Qwix's provider keeps traced values between traces of a jit
+    for start in tqdm(range(0, len(images), batch_size), desc="calibrating", disable=quiet):
+        _, stats = qmodel.apply({**variables, **stats},
+                                jnp.asarray(images[start:start + batch_size]),
+                                mutable=["quant_stats"])
+    return {**variables, **stats}
+
+
+def _arrays(tree):
+    """Every leaf a `jax.Array`: Qwix finds a layer's kernel among its parameters by
+    identity, which a numpy leaf converted inside the layer would break."""
+    return jax.tree.map(jnp.asarray, tree)
+
+
+def quantize(model, variables, scheme, calibration_images=None, *, batch_size=256,
+             quiet=True):
+    """(quantised model, its variables): `model` fake-quantised by `scheme` ('int8':
+    weights and activations, activations calibrated on `calibration_images`;
+    'int8_weights', 'int4_weights': weights only). `model.apply(variables, images)` runs
+    it; `checkpoints.save_checkpoint` stores its integer weights."""
+    check_scheme(scheme)
+    qmodel = quantized_model(model, scheme)
+    variables = _on_grid(variables, _store(variables["params"], SCHEMES[scheme][0]))
+    if SCHEMES[scheme][1] is None:
+        return qmodel, _arrays(variables)
+    if calibration_images is None:
+        raise ValueError(f"calibration_images must be given for scheme {scheme!r}: its "
+                         "activation scales are calibrated on images")
+    type(qmodel).compression = {"quantization": scheme,
+                                "calibration_images": int(len(calibration_images))}
+    return qmodel, calibrate(qmodel, variables, calibration_images,
+                             batch_size=batch_size, quiet=quiet)
+
+
+def _is_quantized_kernel(path, value):
+    """Qwix quantises the kernels of convolutions and Dense layers (rank ≥ 2)."""
+    return getattr(path[-1], "key", None) == "kernel" and np.ndim(value) >= 2
+
+
+def stored_params(qmodel, variables):
+    """The parameters as a checkpoint stores them: each conv and Dense kernel as
+    {'qvalue': int8 array, 'scale': float32 array}, by Qwix's quantisation with one scale
+    per output channel (int4 values are held in int8), the rest as they are.
+
+    The kernels of a model from `quantize` or `restore` are already on their grid and
+    their scales are kept beside them (`variables['weight_scales']`): the integers are
+    read back from those, so saving and loading changes no weight by a bit. (Quantising
+    the grid values afresh could move a scale by an ulp.)"""
+    scales = variables.get("weight_scales")
+    if scales is None:
+        return _store(variables["params"], SCHEMES[record(qmodel)["quantization"]][0])
+    return _with_scales(_numpy(variables["params"]), _numpy(scales))
+
+
+def _with_scales(params, scales):
+    if isinstance(scales, dict) and set(scales) != {"scale"}:
+        return {k: _with_scales(params[k], scales[k]) if k in scales else params[k]
+                for k in params}
+    return {k: {"qvalue": np.rint(v / scales["scale"]).astype(np.int8),
+                "scale": scales["scale"]} if k == "kernel" else v for k, v in params.items()}
+
+
+def _on_grid(variables, stored):
+    """`variables` with the kernels of `stored` dequantised, and their scales kept."""
+    return {**variables, "params": dequantize(stored), "weight_scales": _scales(stored)}
+
+
+def _scales(stored):
+    if isinstance(stored, dict) and "kernel" in stored and isinstance(stored["kernel"], dict):
+        return {"scale": stored["kernel"]["scale"]}
+    if isinstance(stored, dict):
+        found = {k: _scales(v) for k, v in stored.items() if isinstance(v, dict)}
+        return {k: v for k, v in found.items() if v}
+    return {}
+
+
+def _numpy(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+def _store(params, qtype):
+    qwix = _qwix()
+
+    def store(path, value):
+        if not _is_quantized_kernel(path, value):
+            return np.asarray(value)
+        q = qwix.quantize(jnp.asarray(value, jnp.float32), qtype,
+                          channelwise_axes=[np.ndim(value) - 1],
+                          calibration_method=WEIGHT_CALIBRATION[qtype])
+        return {"qvalue": np.asarray(q.qvalue).astype(np.int8),
+                "scale": np.asarray(q.scale, np.float32)}
+    return jax.tree_util.tree_map_with_path(store, params)
+
+
+def dequantize(stored):
+    """Float parameters from `stored_params`: qvalue · scale for each quantised kernel
+    (values Qwix's absmax quantisation maps back onto themselves)."""
+    if isinstance(stored, dict) and set(stored) == {"qvalue", "scale"}:
+        qvalue, scale = stored["qvalue"], stored["scale"]
+        per_channel = (1,) * (np.ndim(qvalue) - 1) + np.shape(qvalue)[-1:]
+        if np.asarray(qvalue).dtype != np.int8 or np.shape(scale) != per_channel:
+            raise ValueError(f"a quantised kernel must be int8 values with one scale per "
+                             f"output channel {per_channel}, got "
+                             f"{np.asarray(qvalue).dtype}{np.shape(qvalue)} and scales "
+                             f"of shape {np.shape(scale)}")
+        return (qvalue.astype(np.float32) * np.asarray(scale, np.float32)).astype(np.float32)
+    if isinstance(stored, dict):
+        return {k: dequantize(v) for k, v in stored.items()}
+    return stored
+
+
+def restore(model, compression, variables):
+    """(model, variables) of a compressed checkpoint: `model` is the float architecture
+    the file records, `compression` its record, `variables` as stored."""
+    scheme = compression.get("quantization")
+    if scheme is None:
+        return model, variables
+    qmodel = quantized_model(model, scheme)
+    type(qmodel).compression = dict(compression)
+    return qmodel, _arrays(_on_grid(variables, variables["params"]))
+
+
+def weight_bytes(params, scheme=None):
+    """Bytes of the stored weights: quantised kernels at their bit width (int4 packed two
+    to a byte) plus their float32 scales, every other array as stored."""
+    bits = BITS[SCHEMES[scheme][0]] if scheme else None
+    total = 0
+    for leaf in _stored_leaves(params):
+        if isinstance(leaf, dict):
+            total += math.ceil(leaf["qvalue"].size * bits / 8) + leaf["scale"].nbytes
+        else:
+            total += np.asarray(leaf).nbytes
+    return total
+
+
+def _stored_leaves(tree):
+    if isinstance(tree, dict) and set(tree) == {"qvalue", "scale"}:
+        return [tree]
+    if isinstance(tree, dict):
+        return [leaf for value in tree.values() for leaf in _stored_leaves(value)]
+    return [tree]
+
+
+# ---------------------------------------------------------------- pruning
+
+
+def _is_kernel(path):
+    return getattr(path[-1], "key", None) == "kernel"
+
+
+def magnitude_masks(params, sparsity):
+    """Global magnitude pruning: masks (1 keep, 0 prune, float32) that keep the
+    round((1 - sparsity) · n) kernel weights of largest |w| over all n kernel weights of
+    the network; ties at the threshold are broken by position. Biases, BatchNorm and
+    other parameters are always kept."""
+    check_sparsity(sparsity)
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    kernels = [np.abs(np.asarray(v)).ravel() for p, v in leaves if _is_kernel(p)]
+    if not kernels:
+        raise ValueError("params must hold kernels (conv or Dense) to prune; found none")
+    magnitudes = np.concatenate(kernels)
+    keep = np.zeros(magnitudes.size, bool)
+    keep[np.argsort(-magnitudes, kind="stable")[:round((1 - sparsity) * magnitudes.size)]] = True
+    masks, offset = {}, 0
+    for path, value in leaves:
+        if _is_kernel(path):
+            size = np.size(value)
+            masks[path] = keep[offset:offset + size].reshape(np.shape(value)).astype(np.float32)
+            offset += size
+        else:
+            masks[path] = np.ones(np.shape(value), np.float32)
+    return jax.tree_util.tree_unflatten(jax.tree.structure(params),
+                                        [masks[p] for p, _ in leaves])
+
+
+def prune(variables, masks):
+    """`variables` with the parameters multiplied by `masks`."""
+    return {**variables, "params": jax.tree.map(lambda w, m: w * m, variables["params"],
+                                                masks)}
+
+
+def keep_pruned(masks) -> optax.GradientTransformation:
+    """An optax transformation that zeroes the updates of pruned weights: chained after
+    an optimiser, fine-tuning keeps them exactly zero."""
+    def update(updates, state, params=None):
+        del params
+        return jax.tree.map(lambda u, m: u * m.astype(u.dtype), updates, masks), state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def sparsity_of(params):
+    """The fraction of kernel weights that are exactly zero."""
+    kernels = [np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]
+               if _is_kernel(p)]
+    return float(sum((k == 0).sum() for k in kernels) / sum(k.size for k in kernels))
