@@ -11,7 +11,8 @@ any layer by its module path (`xai_models`), and the seed's names are aliases of
 paths (`layer_aliases`), so no checkpoint had to be renamed.
 """
 
-from typing import Any, Callable, ClassVar, Dict, Optional, Tuple
+import itertools
+from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -29,17 +30,18 @@ CONVS_PER_BLOCK = (2, 2, 3)
 class ConvBlock(nn.Module):
     """`num_convs` x [Conv 3x3 SAME -> BatchNorm -> ReLU]; pooling is left to the caller."""
 
-    features: int
+    features: Union[int, Tuple[int, ...]]  # one for every conv, or each conv's own
     num_convs: int
     dtype: Any = jnp.float32
     activation: Callable = nn.relu
 
     @nn.compact
     def __call__(self, x, *, train: bool):
-        for _ in range(self.num_convs):
+        features = ((self.features,) * self.num_convs if isinstance(self.features, int)
+                    else self.features)
+        for n in features:
             # No conv bias: the BatchNorm that follows subtracts it again.
-            x = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False,
-                        dtype=self.dtype)(x)
+            x = nn.Conv(n, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype)(x)
             x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                              dtype=jnp.float32)(x)
             x = self.activation(x)
@@ -106,6 +108,9 @@ class CIFAR10CNN(nn.Module):
     dropout_rate: float = 0.5
     dtype: Any = jnp.float32
     activation: Callable = nn.relu
+    # each conv's output channels, in order (7), where they differ from `width`'s (a
+    # network narrowed by structured pruning); None: width, width, 2 width, ... 4 width
+    channels: Optional[Tuple[int, ...]] = None
     # What explainers read, when a model declares it: the default layer to explain,
     # other names for layers, and the image shape the model was built for.
     explanation_layer: ClassVar[Optional[str]] = "block3"
@@ -122,8 +127,15 @@ class CIFAR10CNN(nn.Module):
                  "a number in [0, 1)")):
             if not ok:
                 raise ValueError(f"CIFAR10CNN {name} must be {expected}, got {value!r}")
-        self.blocks = [ConvBlock(self.width * 2**i, n, self.dtype, self.activation,
-                                 name=f"block{i + 1}")
+        if self.channels is not None and not (
+                isinstance(self.channels, tuple) and len(self.channels) == sum(CONVS_PER_BLOCK)
+                and all(_is_int(c, 1) for c in self.channels)):
+            raise ValueError(f"CIFAR10CNN channels must be None or a tuple of "
+                             f"{sum(CONVS_PER_BLOCK)} ints >= 1, got {self.channels!r}")
+        ends = (0, *itertools.accumulate(CONVS_PER_BLOCK))  # each block's slice of channels
+        self.blocks = [ConvBlock(self.width * 2**i if self.channels is None
+                                 else self.channels[ends[i]:ends[i + 1]], n, self.dtype,
+                                 self.activation, name=f"block{i + 1}")
                        for i, n in enumerate(CONVS_PER_BLOCK)]
         self.head = Head(8 * self.width, self.num_classes, self.dropout_rate, self.dtype,
                          self.activation)
@@ -147,5 +159,8 @@ def model_config(model: CIFAR10CNN) -> Dict[str, object]:
     `dtype` and `activation` are left out on purpose: a checkpoint always rebuilds a
     float32 ReLU model, which is what explaining wants, however it was trained.
     """
-    return {"num_classes": model.num_classes, "width": model.width,
-            "dropout_rate": model.dropout_rate}
+    config = {"num_classes": model.num_classes, "width": model.width,
+              "dropout_rate": model.dropout_rate}
+    if model.channels is not None:
+        config["channels"] = tuple(model.channels)
+    return config

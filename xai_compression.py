@@ -20,12 +20,14 @@ stores it and `checkpoints.load_checkpoint` rebuilds the model from it with `res
 
 import math
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from cifar10_cnn_model import CIFAR10CNN, CONVS_PER_BLOCK
 from xai_core import check_batch, check_int
 
 # scheme -> (weight qtype, activation qtype): per-channel weights, per-tensor activations
@@ -291,3 +293,80 @@ def sparsity_of(params):
     kernels = [np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]
                if _is_kernel(p)]
     return float(sum((k == 0).sum() for k in kernels) / sum(k.size for k in kernels))
+
+
+# ---------------------------------------------------------------- structured pruning
+
+CRITERIA = ("l1", "bn_scale")  # a filter's L1 norm, or its BatchNorm's |scale| (slimming)
+
+
+def _cnn_chain(model):
+    """The CNN's convolutions in order, as (conv path, BatchNorm path): each one's output
+    channels are the next one's input channels (pooling keeps channels), and the last
+    one's are the rows of the head's first Dense layer (after global average pooling)."""
+    return [((f"block{b + 1}", f"Conv_{i}"), (f"block{b + 1}", f"BatchNorm_{i}"))
+            for b, n in enumerate(CONVS_PER_BLOCK) for i in range(n)], ("head", "Dense_0")
+
+
+def check_fraction(fraction):
+    if (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+            or not 0 <= fraction < 1):
+        raise ValueError(f"fraction must be the share of each layer's filters to remove, "
+                         f"in [0, 1), got {fraction!r}")
+
+
+def filter_scores(model, variables, criterion="l1"):
+    """{conv path: (C,) score of each output filter}: the L1 norm of its kernel, or the
+    |scale| of the BatchNorm after it."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    chain, _ = _cnn_chain(model)
+    params = variables["params"]
+    get = lambda path: params[path[0]][path[1]]  # noqa: E731
+    return {conv: (np.abs(np.asarray(get(conv)["kernel"])).sum(axis=(0, 1, 2))
+                   if criterion == "l1" else np.abs(np.asarray(get(bn)["scale"])))
+            for conv, bn in chain}
+
+
+def prune_filters(model, variables, fraction, criterion="l1"):
+    """(narrower model, its variables): the CNN with `fraction` of the filters of every
+    convolution removed, those of lowest `criterion` score, and with them their
+    BatchNorm entries and the matching input channels of the next layer. The result is
+    a `CIFAR10CNN` with `channels` set: really smaller and faster, not masked."""
+    if type(model) is not CIFAR10CNN:
+        raise TypeError(f"structured pruning here narrows the CIFAR10CNN; got "
+                        f"{type(model).__name__}")
+    check_fraction(fraction)
+    chain, head = _cnn_chain(model)
+    scores = filter_scores(model, variables, criterion)
+    keep = {}
+    for conv, _ in chain:
+        n = len(scores[conv])
+        kept = max(1, round((1 - fraction) * n))
+        keep[conv] = np.sort(np.argsort(-scores[conv], kind="stable")[:kept])
+    params = jax.tree.map(np.asarray, flax.core.unfreeze(variables["params"]))
+    stats = jax.tree.map(np.asarray, flax.core.unfreeze(variables.get("batch_stats", {})))
+    previous = None
+    for conv, bn in chain:
+        kernel = params[conv[0]][conv[1]]["kernel"]
+        if previous is not None:
+            kernel = kernel[:, :, previous, :]
+        params[conv[0]][conv[1]]["kernel"] = kernel[..., keep[conv]]
+        for tree in (params, stats):
+            if bn[1] in tree.get(bn[0], {}):
+                tree[bn[0]][bn[1]] = {k: v[keep[conv]] for k, v in tree[bn[0]][bn[1]].items()}
+        previous = keep[conv]
+    params[head[0]][head[1]]["kernel"] = params[head[0]][head[1]]["kernel"][previous]
+    narrow = model.clone(channels=tuple(len(keep[conv]) for conv, _ in chain))
+    return narrow, {**variables, "params": params,
+                    **({"batch_stats": stats} if stats else {})}
+
+
+def flops(model, variables, batch=1):
+    """Floating-point operations of one forward pass of `batch` images, as XLA counts
+    them (its cost analysis of the compiled program)."""
+    shape = (batch,) + tuple(getattr(model, "input_shape", (32, 32, 3)))
+    compiled = jax.jit(lambda v, x: model.apply(v, x)).lower(
+        variables, jax.ShapeDtypeStruct(shape, jnp.float32)).compile()
+    cost = compiled.cost_analysis()
+    return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])

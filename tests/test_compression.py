@@ -183,3 +183,64 @@ def test_fine_tuning_keeps_pruned_weights_at_zero(variables):
 def test_bad_settings_get_a_clear_error_naming_the_argument(variables, call, message):
     with pytest.raises((ValueError, TypeError), match=message):
         call(variables)
+
+
+def _silence(variables, filters):
+    """`variables` with the given conv filters exactly zero in output: a zero kernel,
+    and a BatchNorm that maps zero to zero (bias 0, running mean 0)."""
+    params = jax.tree.map(np.array, variables["params"])
+    stats = jax.tree.map(np.array, variables["batch_stats"])
+    for (block, i), channels in filters.items():
+        params[block][f"Conv_{i}"]["kernel"][..., channels] = 0.0
+        params[block][f"BatchNorm_{i}"]["bias"][channels] = 0.0
+        stats[block][f"BatchNorm_{i}"]["mean"][channels] = 0.0
+    return {"params": params, "batch_stats": stats}
+
+
+def test_removing_filters_that_are_exactly_zero_leaves_the_logits_identical(variables):
+    # width 4: convs of 4, 4, 8, 8, 16, 16, 16 filters; silence a quarter of each
+    filters = {("block1", 0): [1], ("block1", 1): [2], ("block2", 0): [0, 5],
+               ("block2", 1): [3, 7], ("block3", 0): [0, 1, 2, 3], ("block3", 1): [4, 8, 9, 15],
+               ("block3", 2): [1, 3, 5, 7]}
+    silent = _silence(variables, filters)
+    narrow, pruned = xc.prune_filters(MODEL, silent, 0.25, "l1")
+    assert narrow.channels == (3, 3, 6, 6, 12, 12, 12)
+    np.testing.assert_allclose(narrow.apply(pruned, IMAGES), MODEL.apply(silent, IMAGES),
+                               atol=1e-5)
+    assert xc.flops(narrow, pruned) < 0.6 * xc.flops(MODEL, silent)
+    for (block, i), channels in filters.items():  # the criterion saw exactly those
+        scores = xc.filter_scores(MODEL, silent)[(block, f"Conv_{i}")]
+        assert set(np.flatnonzero(scores == 0)) == set(channels)
+
+
+def test_bn_scale_criterion_removes_the_filters_of_smallest_batchnorm_scale(variables):
+    params = jax.tree.map(np.array, variables["params"])
+    params["block1"]["BatchNorm_0"]["scale"][:] = [0.5, -0.01, 2.0, 0.3]
+    narrow, pruned = xc.prune_filters(MODEL, {**variables, "params": params}, 0.5, "bn_scale")
+    np.testing.assert_array_equal(pruned["params"]["block1"]["BatchNorm_0"]["scale"], [0.5, 2.0])
+    np.testing.assert_array_equal(pruned["params"]["block1"]["Conv_0"]["kernel"],
+                                  params["block1"]["Conv_0"]["kernel"][..., [0, 2]])
+    np.testing.assert_array_equal(pruned["params"]["block1"]["Conv_1"]["kernel"].shape[2], 2)
+
+
+def test_a_structurally_pruned_checkpoint_round_trips(variables, tmp_path):
+    narrow, pruned = xc.prune_filters(MODEL, variables, 0.5)
+    path = tmp_path / "narrow.pkl"
+    checkpoints.save_checkpoint(path, narrow, pruned,
+                                compression={"pruning": "filters", "fraction": 0.5})
+    model, loaded = checkpoints.load_checkpoint(path)
+    assert model == narrow and model.channels == (2, 2, 4, 4, 8, 8, 8)
+    assert pickle.load(open(path, "rb"))["config"]["compression"] == {"pruning": "filters",
+                                                                       "fraction": 0.5}
+    np.testing.assert_array_equal(model.apply(loaded, IMAGES), narrow.apply(pruned, IMAGES))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda v: xc.prune_filters(MODEL, v, 1.0), "fraction must be the share"),
+    (lambda v: xc.prune_filters(MODEL, v, 0.5, "l2"), "criterion must be one of"),
+    (lambda v: CIFAR10CNN(width=4, channels=(1, 2)).init(jax.random.key(0), IMAGES[:1]),
+     "channels must be None or a tuple of 7 ints"),
+])
+def test_bad_pruning_settings_get_a_clear_error(variables, call, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        call(variables)
