@@ -675,6 +675,29 @@ def similarity(maps, reference):
             "ssim": ssim(normalize_maps(jnp.abs(maps)), normalize_maps(jnp.abs(reference)))}
 
 
+def top_k_intersection(a, b, k):
+    """The share of the `k` pixels of largest |a| that are among the `k` of largest |b|,
+    for each pair of maps (..., H, W) -> (...): 1 when both maps single out the same
+    pixels. Ties are broken by position, as `jax.lax.top_k` breaks them."""
+    shape = _check_pair(a, b)
+    check_int("k", k, 1)
+    if k > shape[-1] * shape[-2]:
+        raise ValueError(f"k must be at most the {shape[-1] * shape[-2]} pixels of a map, "
+                         f"got {k}")
+    flat = lambda m: jnp.abs(m).reshape(m.shape[:-2] + (-1,))  # noqa: E731
+    top_a, top_b = jax.lax.top_k(flat(a), k)[1], jax.lax.top_k(flat(b), k)[1]
+    return jnp.mean(jnp.any(top_a[..., :, None] == top_b[..., None, :], axis=-1), axis=-1)
+
+
+def map_survival(maps, reference, *, k):
+    """{'spearman', 'top_k'}: how much of each reference map (N, H, W) the maps of
+    another model for the same images and targets kept (a compressed model against its
+    original): the rank correlation of |map| and the top-`k` intersection."""
+    _check_pair(maps, reference, ("maps", "reference"))
+    return {"spearman": spearman(jnp.abs(maps), jnp.abs(reference)),
+            "top_k": top_k_intersection(maps, reference, k)}
+
+
 # ----------------------------------------------------------------------------------------
 # Sanity checks.
 

@@ -111,6 +111,25 @@ def test_spearman_matches_scipy_with_ties_and_a_constant_map_scores_zero():
     assert float(xm.spearman(a[:1], jnp.zeros((1, 6, 6)))[0]) == 0.0
 
 
+def test_top_k_intersection_counts_the_shared_top_pixels_by_hand():
+    a = jnp.array([[[9.0, 0.1, 0.2], [-8.0, 0.3, 7.0]]])  # top 3 of |a|: pixels 0, 3, 5
+    b = jnp.array([[[0.5, 6.0, 0.0], [5.0, 0.1, -4.0]]])  # top 3 of |b|: pixels 1, 3, 5
+    np.testing.assert_allclose(xm.top_k_intersection(a, b, 3), [2 / 3])
+    np.testing.assert_allclose(xm.top_k_intersection(a, b, 1), [0.0])
+    np.testing.assert_allclose(xm.top_k_intersection(a, b, 6), [1.0])
+    with pytest.raises(ValueError, match="k must be at most the 6 pixels"):
+        xm.top_k_intersection(a, b, 7)
+
+
+def test_an_identical_model_survives_with_rho_one_and_top_k_one():
+    maps = jax.random.normal(jax.random.key(4), (3, 8, 8))
+    same = xm.map_survival(maps, maps, k=10)
+    np.testing.assert_allclose(same["spearman"], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(same["top_k"], 1.0)
+    other = xm.map_survival(jax.random.normal(jax.random.key(5), (3, 8, 8)), maps, k=10)
+    assert np.all(np.abs(other["spearman"]) < 0.5) and np.all(other["top_k"] < 0.6)
+
+
 def test_ssim_is_one_for_equal_maps_symmetric_and_exact_for_constants():
     a = jax.random.uniform(jax.random.key(3), (4, 32, 32))
     b = jax.random.uniform(jax.random.key(4), (4, 32, 32))
