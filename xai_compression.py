@@ -120,7 +120,8 @@ def quantize(model, variables, scheme, calibration_images=None, *, batch_size=25
     it; `checkpoints.save_checkpoint` stores its integer weights."""
     check_scheme(scheme)
     qmodel = quantized_model(model, scheme)
-    variables = _on_grid(variables, _store(variables["params"], SCHEMES[scheme][0]))
+    variables = {**variables,
+                 "params": dequantize(_store(variables["params"], SCHEMES[scheme][0]))}
     if SCHEMES[scheme][1] is None:
         return qmodel, _arrays(variables)
     if calibration_images is None:
@@ -139,39 +140,50 @@ def _is_quantized_kernel(path, value):
 
 def stored_params(qmodel, variables):
     """The parameters as a checkpoint stores them: each conv and Dense kernel as
-    {'qvalue': int8 array, 'scale': float32 array}, by Qwix's quantisation with one scale
-    per output channel (int4 values are held in int8), the rest as they are.
+    {'qvalue': int8 array, 'scale': float32 array} with one scale per output channel
+    (int4 values are held in int8), the rest as they are.
 
-    The kernels of a model from `quantize` or `restore` are already on their grid and
-    their scales are kept beside them (`variables['weight_scales']`): the integers are
-    read back from those, so saving and loading changes no weight by a bit. (Quantising
-    the grid values afresh could move a scale by an ulp.)"""
-    scales = variables.get("weight_scales")
-    if scales is None:
-        return _store(variables["params"], SCHEMES[record(qmodel)["quantization"]][0])
-    return _with_scales(_numpy(variables["params"]), _numpy(scales))
+    A kernel already on a quantisation grid (as `quantize` and loading leave them) is
+    stored as the integers and scales that give it back bit for bit, so saving and
+    loading changes no weight; any other kernel is quantised afresh by Qwix."""
+    qtype = SCHEMES[record(qmodel)["quantization"]][0]
 
-
-def _with_scales(params, scales):
-    if isinstance(scales, dict) and set(scales) != {"scale"}:
-        return {k: _with_scales(params[k], scales[k]) if k in scales else params[k]
-                for k in params}
-    return {k: {"qvalue": np.rint(v / scales["scale"]).astype(np.int8),
-                "scale": scales["scale"]} if k == "kernel" else v for k, v in params.items()}
+    def store(path, value):
+        if not _is_quantized_kernel(path, value):
+            return np.asarray(value)
+        return _on_its_grid(np.asarray(value, np.float32), QMAX[qtype]) or _quantized(
+            value, qtype)
+    return jax.tree_util.tree_map_with_path(store, variables["params"])
 
 
-def _on_grid(variables, stored):
-    """`variables` with the kernels of `stored` dequantised, and their scales kept."""
-    return {**variables, "params": dequantize(stored), "weight_scales": _scales(stored)}
+def _on_its_grid(kernel, qmax):
+    """{'qvalue', 'scale'} with qvalue · scale == kernel exactly, |qvalue| <= qmax, one
+    scale per output channel, else None. The scale that made a grid kernel is its
+    channel's max |w| / qmax up to float rounding: the few nearest floats are tried."""
+    axes = tuple(range(kernel.ndim - 1))
+    absmax = np.abs(kernel).max(axis=axes, keepdims=True)
+    base = np.where(absmax > 0, absmax / np.float32(qmax), np.float32(1)).astype(np.float32)
+    scale, found = base.copy(), np.zeros(base.shape, bool)
+    for ulps in (0, 1, -1, 2, -2, 3, -3):
+        trial = base
+        for _ in range(abs(ulps)):
+            trial = np.nextafter(trial, np.float32(np.inf if ulps > 0 else -np.inf))
+        qvalue = np.rint(kernel / trial)
+        exact = np.all((qvalue * trial == kernel) & (np.abs(qvalue) <= qmax), axis=axes,
+                       keepdims=True)
+        scale = np.where(exact & ~found, trial, scale)
+        found |= exact
+        if found.all():
+            return {"qvalue": np.rint(kernel / scale).astype(np.int8), "scale": scale}
+    return None
 
 
-def _scales(stored):
-    if isinstance(stored, dict) and "kernel" in stored and isinstance(stored["kernel"], dict):
-        return {"scale": stored["kernel"]["scale"]}
-    if isinstance(stored, dict):
-        found = {k: _scales(v) for k, v in stored.items() if isinstance(v, dict)}
-        return {k: v for k, v in found.items() if v}
-    return {}
+def _quantized(value, qtype):
+    """Qwix's symmetric per-output-channel quantisation of a kernel."""
+    q = _qwix().quantize(jnp.asarray(value, jnp.float32), qtype,
+                         channelwise_axes=[np.ndim(value) - 1],
+                         calibration_method=WEIGHT_CALIBRATION[qtype])
+    return {"qvalue": np.asarray(q.qvalue).astype(np.int8), "scale": np.asarray(q.scale, np.float32)}
 
 
 def _numpy(tree):
@@ -179,17 +191,10 @@ def _numpy(tree):
 
 
 def _store(params, qtype):
-    qwix = _qwix()
-
-    def store(path, value):
-        if not _is_quantized_kernel(path, value):
-            return np.asarray(value)
-        q = qwix.quantize(jnp.asarray(value, jnp.float32), qtype,
-                          channelwise_axes=[np.ndim(value) - 1],
-                          calibration_method=WEIGHT_CALIBRATION[qtype])
-        return {"qvalue": np.asarray(q.qvalue).astype(np.int8),
-                "scale": np.asarray(q.scale, np.float32)}
-    return jax.tree_util.tree_map_with_path(store, params)
+    """Every quantisable kernel of `params` quantised afresh by Qwix."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, v: _quantized(v, qtype) if _is_quantized_kernel(path, v) else np.asarray(v),
+        params)
 
 
 def dequantize(stored):
@@ -217,7 +222,7 @@ def restore(model, compression, variables):
         return model, variables
     qmodel = quantized_model(model, scheme)
     type(qmodel).compression = dict(compression)
-    return qmodel, _arrays(_on_grid(variables, variables["params"]))
+    return qmodel, _arrays({**variables, "params": dequantize(variables["params"])})
 
 
 def weight_bytes(params, scheme=None):
