@@ -720,6 +720,38 @@ def train_and_evaluate(config: TrainConfig, *, model=None, data=None):
     return model, state, metrics
 
 
+def fine_tune(model, variables, images, labels, config: TrainConfig, *, keep=None,
+              desc="fine-tuning"):
+    """`variables` trained further for `config.epochs` on `images` (uint8) and `labels`
+    with the config's recipe (its warmup and cosine sized to these epochs, from
+    `config.lr`), keeping the BatchNorm statistics running. `keep`, an optax
+    transformation chained after the optimiser (e.g. `xai_compression.keep_pruned`),
+    edits every update. Returns the new variables."""
+    steps = len(labels) // config.batch_size
+    if steps < 1:
+        raise ValueError(f"batch_size must be at most the {len(labels)} fine-tuning images, "
+                         f"got {config.batch_size}")
+    key = jax.random.key(config.seed)
+    state = create_train_state(model, config, key, config.epochs * steps)
+    tx = state.tx if keep is None else optax.chain(state.tx, keep)
+    params = jax.tree.map(jnp.asarray, variables["params"])
+    state = state.replace(params=params, tx=tx, opt_state=tx.init(params),
+                          batch_stats=jax.tree.map(jnp.asarray, variables.get("batch_stats", {})))
+    settings = recipe(config)
+    images, labels = jnp.asarray(images), jnp.asarray(labels)
+    for epoch in range(config.epochs):
+        with tqdm(total=steps, desc=f"{desc}, epoch {epoch + 1}", disable=config.quiet,
+                  leave=False) as bar:
+            state, _ = train_epoch(state, images, labels, config.batch_size,
+                                   jax.random.fold_in(key, epoch), bar,
+                                   augmented=settings["augment"],
+                                   label_smoothing=settings["label_smoothing"])
+    tuned = {**variables, "params": state.params}
+    if "batch_stats" in variables:
+        tuned["batch_stats"] = state.batch_stats
+    return tuned
+
+
 # ---------------------------------------------------------------- checkpoints
 
 

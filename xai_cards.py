@@ -193,7 +193,9 @@ def prepare(config, model, variables, images, labels, apply_kwargs=None) -> Run:
         # level is this model.
         init = jax.jit(lambda k, x: model.init(k, x, **kwargs))(jax.random.fold_in(key, 1),
                                                                  images[:1])
-        fresh = {c: init[c] for c in variables}
+        # collections that a fresh model does not make (a quantised model's activation
+        # statistics, `xai_compression`) stay the trained model's
+        fresh = {c: init.get(c, variables[c]) for c in variables}
         levels, stacked = xm.cascading_randomization(model, variables, fresh,
                                                      images.shape[1:], kwargs)
         fresh_preds = jnp.argmax(logits_fn(fresh, rand_images), -1).astype(jnp.int32)

@@ -18,6 +18,7 @@ A compression record, a plain dict, says what was done; `checkpoints.save_checkp
 stores it and `checkpoints.load_checkpoint` rebuilds the model from it with `restore`.
 """
 
+import dataclasses
 import math
 
 import flax
@@ -81,8 +82,34 @@ def quantized_model(model, scheme):
     check_scheme(scheme)
     qwix = _qwix()
     qmodel = qwix.quantize_model(model, qwix.QtProvider(_rules(scheme)))
-    type(qmodel).compression = {"quantization": scheme}
+    cls = type(qmodel)
+    cls.compression = {"quantization": scheme}
+    cls.init = _init
+    # Qwix creates its activation statistics inside a custom-gradient function, which
+    # cannot happen under a transformation (`jax.jit`, `jax.eval_shape`): their layout
+    # is found here, once, eagerly, and `init` returns it uncalibrated.
+    cls.uncalibrated = {}
+    if SCHEMES[scheme][1] is not None:
+        example = jnp.zeros((1,) + tuple(getattr(model, "input_shape", (32, 32, 3))))
+        _, stats = qmodel.apply(_float(qmodel).init(jax.random.key(0), example), example,
+                                mutable=["quant_stats"])
+        cls.uncalibrated = jax.tree.map(np.zeros_like, jax.device_get(dict(stats)))
     return qmodel
+
+
+def _float(qmodel):
+    """The float network a quantised model was built from."""
+    return type(qmodel)._unquantized_type(**{
+        f.name: getattr(qmodel, f.name) for f in dataclasses.fields(qmodel)
+        if f.init and f.name not in ("parent", "name")})
+
+
+def _init(self, *args, **kwargs):
+    """A quantised model's `init`: the float network's fresh variables and, for int8
+    activations, statistics of count 0 (uncalibrated: Qwix then scales each call's
+    activations by their own maximum); `calibrate` gives the real ones."""
+    variables = dict(_float(self).init(*args, **kwargs))
+    return {**variables, **jax.tree.map(jnp.asarray, type(self).uncalibrated)}
 
 
 def record(model):

@@ -22,7 +22,7 @@ LAYERS = [
     ("metrics and attacks", {"xai_metrics", "xai_attacks", "adversarial"}),
     ("cards", {"xai_cards"}),
     ("command lines and the explorer", {"xai_cli", "train_cifar10", "demo_xai",
-                                        "evaluate_xai", "robustness_xai", "app"}),
+                                        "evaluate_xai", "robustness_xai", "compress_xai", "app"}),
 ]
 LAYER = {module: level for level, (_, modules) in enumerate(LAYERS) for module in modules}
 REGISTRY = "xai_visualizations"

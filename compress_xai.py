@@ -1,0 +1,480 @@
+"""Compression card of a checkpoint: what each quantised or pruned variant costs in size,
+speed and accuracy, and whether its explanations survive.
+
+    python compress_xai.py --checkpoint pretrained/cifar10_cnn.pkl
+    python compress_xai.py --variants int8 filters --parts size accuracy speed
+    python compress_xai.py --parts survival --methods gradcam saliency --num-images 50
+
+Variants (`xai_compression`): 'int8' (Qwix, weights and activations, activations
+calibrated on training images), 'int8_weights' and 'int4_weights' (weights only),
+'sparse50', 'sparse70' and 'sparse90' (global magnitude pruning at that sparsity, then
+fine-tuned with the masks kept), and 'filters' (structured pruning of --filter-fraction
+of every conv's filters, a really narrower network, then fine-tuned). Each variant is
+saved as a checkpoint (`<output-dir>/variants/<name>.pkl`) that `load_checkpoint` reads.
+
+Parts, each rewriting compression.json and compression.md as it finishes:
+- size: stored weight bytes, parameters, sparsity and FLOPs;
+- accuracy: on the first 1,000 test records and on all, and the share of predictions
+  that agree with the original's;
+- speed: CPU latency at batch 1 and throughput at batch 256, as ratios to the original
+  timed side by side in this run;
+- survival: for every method that explains both, per image the Spearman ρ of |map| and
+  the top-k intersection between the original's and the variant's maps for the original's
+  predicted class, with bootstrap intervals, and a figure (survival.png);
+- faithfulness: each variant's own ROAD MoRF and LeRF AUCs, paired against the
+  original's on the same images (Wilcoxon), and its cascading-randomisation ρ beside the
+  original's.
+"""
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+import cifar10_data
+import train_cifar10 as tc
+import xai_cards
+import xai_cli as cli
+import xai_compression as xc
+import xai_metrics as xm
+import xai_visualizations as xv
+from architectures import registry_name
+from checkpoints import default_checkpoint, describe_checkpoint, load_checkpoint, save_checkpoint
+from cifar10_data import EXACT_TEST_RECORDS
+from evaluate_xai import EvalConfig
+from xai_io import atomic_write
+
+QUANTIZED = tuple(xc.SCHEMES)  # 'int8', 'int8_weights', 'int4_weights'
+SPARSE = {"sparse50": 0.5, "sparse70": 0.7, "sparse90": 0.9}
+VARIANTS = QUANTIZED + tuple(SPARSE) + ("filters",)
+PARTS = ("size", "accuracy", "speed", "survival", "faithfulness")
+VERDICT_MARKS = {"better": "✓", "worse": "✗", "tie": "="}
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressConfig:
+    checkpoint: Optional[str] = None      # default: cifar10_model.pkl, else pretrained/
+    data_dir: Optional[str] = None        # default: $CIFAR10_DIR, then tfds, then download
+    output_dir: str = "xai_results/compression"
+    variants: Tuple[str, ...] = VARIANTS
+    parts: Tuple[str, ...] = PARTS
+    methods: Optional[Tuple[str, ...]] = None  # default: every method that fits
+    num_images: int = 50                  # first test records explained
+    calibration_images: int = 1024        # first training images calibrating int8
+    finetune_epochs: int = 1              # after pruning
+    finetune_lr: float = 0.01             # peak, warmup and cosine as in training
+    finetune_images: Optional[int] = None  # first training images; default all
+    finetune_batch_size: int = 128
+    filter_fraction: float = 0.3          # of every conv's filters, for 'filters'
+    filter_criterion: str = "l1"          # or 'bn_scale'
+    top_k: int = 100                      # pixels in the top-k intersection
+    timing_repeats: int = 20              # timed calls per model and batch size
+    step: int = 64                        # pixels per ROAD curve point
+    seed: int = 0
+    quiet: bool = False
+
+
+# ---------------------------------------------------------------- variants
+
+
+def build_variant(name, model, variables, data, config: CompressConfig):
+    """(model, variables, record) of one variant of the original."""
+    if name in QUANTIZED:
+        calibration = jnp.asarray(data.train_images[:config.calibration_images],
+                                  jnp.float32) / 255.0
+        qmodel, qvariables = xc.quantize(model, variables, name, calibration,
+                                         quiet=config.quiet)
+        return qmodel, qvariables, xc.record(qmodel)
+    tune = tc.TrainConfig(model=registry_name(model), epochs=config.finetune_epochs,
+                          lr=config.finetune_lr, batch_size=config.finetune_batch_size,
+                          seed=config.seed, quiet=config.quiet)
+    images = data.train_images[:config.finetune_images]
+    labels = data.train_labels[:config.finetune_images]
+    if name in SPARSE:
+        masks = xc.magnitude_masks(variables["params"], SPARSE[name])
+        pruned = xc.prune(variables, masks)
+        if config.finetune_epochs:
+            pruned = tc.fine_tune(model, pruned, images, labels, tune,
+                                  keep=xc.keep_pruned(masks), desc=name)
+        return model, pruned, {"pruning": "magnitude", "sparsity": SPARSE[name],
+                               "finetune_epochs": config.finetune_epochs}
+    narrow, pruned = xc.prune_filters(model, variables, config.filter_fraction,
+                                      config.filter_criterion)
+    if config.finetune_epochs:
+        pruned = tc.fine_tune(narrow, pruned, images, labels, tune, desc=name)
+    return narrow, pruned, {"pruning": "filters", "fraction": config.filter_fraction,
+                            "criterion": config.filter_criterion,
+                            "finetune_epochs": config.finetune_epochs}
+
+
+def _logits(model, variables, images, batch_size=500):
+    fn = jax.jit(lambda v, x: model.apply(v, x))
+    return np.concatenate([np.asarray(fn(variables, jnp.asarray(images[i:i + batch_size],
+                                                                 jnp.float32) / 255.0))
+                           for i in range(0, len(images), batch_size)])
+
+
+# ---------------------------------------------------------------- parts
+
+
+def size_part(model, variables, record):
+    """Stored weight bytes, parameters (and nonzero ones), sparsity and FLOPs."""
+    scheme = (record or {}).get("quantization")
+    stored = xc.stored_params(model, variables) if scheme else jax.tree.map(
+        np.asarray, variables["params"])
+    leaves = jax.tree.leaves(variables["params"])
+    return {"weight_bytes": xc.weight_bytes(stored, scheme),
+            "parameters": int(sum(np.size(v) for v in leaves)),
+            "nonzero_parameters": int(sum(np.count_nonzero(np.asarray(v)) for v in leaves)),
+            "sparsity": xc.sparsity_of(variables["params"]),
+            "flops": xc.flops(model, variables)}
+
+
+def accuracy_part(logits, reference_logits, labels):
+    preds, reference = logits.argmax(-1), reference_logits.argmax(-1)
+    n = min(EXACT_TEST_RECORDS, len(labels))
+    return {"accuracy_first1000": float(np.mean(preds[:n] == labels[:n])),
+            "accuracy": float(np.mean(preds == labels)),
+            "agreement": float(np.mean(preds == reference))}
+
+
+def _time(fn, variables, x, repeats):
+    jax.block_until_ready(fn(variables, x))  # compiled and warm
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(variables, x))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def speed_part(models, images, repeats):
+    """{name: {'latency_ms', 'throughput', 'latency_ratio', 'throughput_ratio'}} for
+    `models` {name: (model, variables)}, the first being the original; the models are
+    timed in turns, so that a change of the machine's load touches them all."""
+    batches = {1: jnp.asarray(images[:1], jnp.float32) / 255.0,
+               256: jnp.asarray(np.resize(images, (256,) + images.shape[1:]),
+                                jnp.float32) / 255.0}
+    fns = {name: jax.jit(lambda v, x, m=m: m.apply(v, x)) for name, (m, _) in models.items()}
+    seconds = {name: {b: [] for b in batches} for name in models}
+    for _ in range(3):
+        for name, (_, v) in models.items():
+            for b, x in batches.items():
+                seconds[name][b].append(_time(fns[name], v, x, max(1, repeats // 3)))
+    out, original = {}, next(iter(models))
+    for name in models:
+        latency = float(np.median(seconds[name][1]))
+        throughput = 256 / float(np.median(seconds[name][256]))
+        out[name] = {"latency_ms": 1000 * latency, "throughput": throughput}
+    for name in models:
+        out[name]["latency_ratio"] = out[name]["latency_ms"] / out[original]["latency_ms"]
+        out[name]["throughput_ratio"] = out[name]["throughput"] / out[original]["throughput"]
+    return out
+
+
+def method_list(config, model, variants):
+    """The methods asked for, or every method that can explain the original and every
+    variant; and {method: why} for those that cannot."""
+    skipped = {}
+    for m in xv.METHODS:
+        for candidate in [model] + [v[0] for v in variants.values()]:
+            why = xv.unsupported(m, candidate)
+            if why:
+                skipped[m] = why
+                break
+    methods = config.methods or tuple(m for m in xv.METHODS if m not in skipped)
+    return methods, {m: w for m, w in skipped.items() if m not in methods}
+
+
+def survival_part(method, original, variant, images, targets, config):
+    """Per-image survival of `method`'s maps, with 95 % bootstrap intervals."""
+    key = jax.random.key(config.seed)
+    maps = {}
+    for side, (model, variables) in (("original", original), ("variant", variant)):
+        options = xv.check_options(method, model, {}, images.shape[1:], variables)
+        fn = jax.jit(lambda v, x, t, m=model, o=options: xv.explain(
+            method, m, v, x, t, key, **o).maps)
+        maps[side] = fn(variables, images, targets)
+    found = xm.map_survival(maps["variant"], maps["original"], k=config.top_k)
+    return ({name: xm.mean_interval(np.asarray(v), config.seed) for name, v in found.items()},
+            {side: np.asarray(m) for side, m in maps.items()})
+
+
+def faithfulness_part(method, runs, config):
+    """ROAD per image of the original and the variant, paired; randomisation side by
+    side. `runs` is {'original': Run, 'variant': Run} from `xai_cards.prepare`."""
+    cards = {side: xai_cards.card(run, method) for side, run in runs.items()}
+    out = {}
+    for measure, lower in (("road_morf_auc", True), ("road_lerf_auc", False)):
+        original = np.asarray(cards["original"].measures[measure])
+        variant = np.asarray(cards["variant"].measures[measure])
+        out[measure] = {"original": xm.mean_interval(original, config.seed),
+                        "variant": xm.mean_interval(variant, config.seed),
+                        "variant_vs_original": xm.paired_verdict(variant, original,
+                                                                 lower_is_better=lower)}
+    for side, c in cards.items():
+        r = c.summary["randomization"]
+        out[f"randomization_{side}"] = (float(np.mean(r["spearman_abs"])) if r else None)
+    return out
+
+
+# ---------------------------------------------------------------- the card
+
+
+def markdown(report):
+    lines = [f"Compression card of `{report['checkpoint']}`; {report['device']}; explanations "
+             f"on the first {report['num_images']} test records, each for the original's "
+             "predicted class.", ""]
+    rows = report["variants"]
+    if any("size" in r for r in rows.values()):
+        lines += ["| variant | how | weight bytes | × smaller | parameters | sparsity | FLOPs "
+                  "| × fewer |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        base = rows["original"].get("size")
+        for name, r in rows.items():
+            s = r.get("size")
+            if s:
+                lines.append(
+                    f"| {name} | {_how(r['record'])} | {s['weight_bytes']:,} | "
+                    f"{base['weight_bytes'] / s['weight_bytes']:.2f} | {s['parameters']:,} | "
+                    f"{s['sparsity']:.1%} | {s['flops']:,.0f} | {base['flops'] / s['flops']:.2f} |")
+    if any("accuracy" in r for r in rows.values()):
+        lines += ["", "| variant | test, first 1,000 | test, all | agrees with the original |",
+                  "| --- | --- | --- | --- |"]
+        for name, r in rows.items():
+            a = r.get("accuracy")
+            if a:
+                lines.append(f"| {name} | {a['accuracy_first1000']:.1%} | {a['accuracy']:.1%} | "
+                             f"{a['agreement']:.1%} |")
+    if any("speed" in r for r in rows.values()):
+        lines += ["", "| variant | latency, batch 1 | × original | throughput, batch 256 | "
+                  "× original |", "| --- | --- | --- | --- | --- |"]
+        for name, r in rows.items():
+            s = r.get("speed")
+            if s:
+                lines.append(f"| {name} | {s['latency_ms']:.2f} ms | {s['latency_ratio']:.2f} "
+                             f"| {s['throughput']:.0f} img/s | {s['throughput_ratio']:.2f} |")
+    if any("survival" in r for r in rows.values()):
+        lines += ["", f"Survival: mean [95 % interval] over images of the Spearman ρ of |map| "
+                  f"and of the top-{report['config']['top_k']} intersection, variant against "
+                  "original.", "", "| variant | method | ρ | top-k |", "| --- | --- | --- | --- |"]
+        for name, r in rows.items():
+            for method, s in (r.get("survival") or {}).items():
+                lines.append(f"| {name} | {method} | {_interval(s['spearman'])} | "
+                             f"{_interval(s['top_k'])} |")
+    if any("faithfulness" in r for r in rows.values()):
+        lines += ["", "Faithfulness: ROAD AUCs (MoRF ↓, LeRF ↑) of the original and the "
+                  "variant on the same images, the variant marked ✓ better, ✗ worse or = a "
+                  "tie (paired Wilcoxon, p < 0.05); mean randomisation ρ (below 0.5 passes).",
+                  "", "| variant | method | MoRF original | MoRF variant | LeRF original | "
+                  "LeRF variant | randomisation ρ, original → variant |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for name, r in rows.items():
+            for method, f in (r.get("faithfulness") or {}).items():
+                cells = []
+                for m in ("road_morf_auc", "road_lerf_auc"):
+                    mark = VERDICT_MARKS[f[m]["variant_vs_original"]["verdict"]]
+                    cells += [f"{f[m]['original']['mean']:.3f}",
+                              f"{f[m]['variant']['mean']:.3f} {mark}"]
+                rho = [f[f"randomization_{s}"] for s in ("original", "variant")]
+                lines.append(f"| {name} | {method} | " + " | ".join(cells) + " | " + (
+                    f"{rho[0]:.2f} → {rho[1]:.2f}" if None not in rho else "–") + " |")
+    if report.get("skipped"):
+        lines += ["", "Methods left out, since they cannot explain every model here: "
+                  + "; ".join(f"{m} ({why})" for m, why in report["skipped"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _how(record):
+    if not record:
+        return "float32"
+    if "quantization" in record:
+        return f"Qwix {record['quantization']}"
+    if record["pruning"] == "magnitude":
+        return f"magnitude {record['sparsity']:.0%}, {record['finetune_epochs']} ep."
+    return (f"filters −{record['fraction']:.0%} ({record['criterion']}), "
+            f"{record['finetune_epochs']} ep.")
+
+
+def _interval(s):
+    return f"{s['mean']:.3f} [{s['low']:.3f}, {s['high']:.3f}]"
+
+
+def plot_survival(path, images, maps):
+    """One row per image: the image, then each method's map of the original beside each
+    variant's (|map|, each scaled to its own maximum). `maps`: {(variant, method):
+    {'original', 'variant'}}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(m for _, m in maps))
+    variants = list(dict.fromkeys(v for v, _ in maps))
+    columns = [(m, "original", None) for m in methods] + [
+        (m, v, (v, m)) for m in methods for v in variants if (v, m) in maps]
+    rows = min(3, len(images))
+    fig, axes = plt.subplots(rows, len(columns) + 1, squeeze=False,
+                             figsize=(1.3 * (len(columns) + 1), 1.4 * rows))
+    for i in range(rows):
+        axes[i, 0].imshow(images[i])
+        for j, (method, who, key) in enumerate(columns, 1):
+            source = maps[key]["variant"] if key else next(
+                v["original"] for (_, m), v in maps.items() if m == method)
+            cell = np.abs(source[i])
+            axes[i, j].imshow(cell / (cell.max() + 1e-12), cmap="jet")
+            if i == 0:
+                axes[i, j].set_title(f"{method}\n{who}", fontsize=6)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
+    plt.close(fig)
+
+
+def compress(config: CompressConfig, model=None, variables=None, data=None):
+    """Builds the variants, runs the parts and writes the card; returns the report."""
+    if model is None:
+        config = dataclasses.replace(config, checkpoint=str(config.checkpoint
+                                                            or default_checkpoint()))
+        model, variables = load_checkpoint(config.checkpoint)
+        if not config.quiet:
+            print(f"compressing {describe_checkpoint(config.checkpoint)}")
+    if "filters" in config.variants:  # checked before any work
+        xc.prune_filters(model, variables, config.filter_fraction, config.filter_criterion)
+    if data is None:
+        data = cifar10_data.load_cifar10(config.data_dir)
+    out = Path(config.output_dir)
+    (out / "variants").mkdir(parents=True, exist_ok=True)
+    variants = {}
+    for name in tqdm(config.variants, desc="variants", disable=config.quiet):
+        variants[name] = build_variant(name, model, variables, data, config)
+        save_checkpoint(out / "variants" / f"{name}.pkl", variants[name][0], variants[name][1],
+                        metrics={"compressed_from": str(config.checkpoint)},
+                        compression=variants[name][2])
+    everything = {"original": (model, variables, None), **variants}
+    report = {"checkpoint": str(config.checkpoint), "device": cli.describe_device(),
+              "num_images": min(config.num_images, len(data.test_labels)),
+              "config": dataclasses.asdict(config),
+              "variants": {name: {"record": r} for name, (_, _, r) in everything.items()}}
+
+    def write():
+        atomic_write(out / "compression.json",
+                     lambda f: f.write(json.dumps(report, indent=2).encode()))
+        atomic_write(out / "compression.md", lambda f: f.write(markdown(report).encode()))
+
+    if "size" in config.parts:
+        for name, (m, v, r) in everything.items():
+            report["variants"][name]["size"] = size_part(m, v, r)
+        write()
+    if "accuracy" in config.parts:
+        logits = {name: _logits(m, v, data.test_images) for name, (m, v, _) in
+                  tqdm(everything.items(), desc="accuracy", disable=config.quiet)}
+        for name in everything:
+            report["variants"][name]["accuracy"] = accuracy_part(
+                logits[name], logits["original"], np.asarray(data.test_labels))
+        write()
+    if "speed" in config.parts:
+        found = speed_part({n: (m, v) for n, (m, v, _) in everything.items()},
+                           data.test_images[:256], config.timing_repeats)
+        for name, row in found.items():
+            report["variants"][name]["speed"] = row
+        write()
+    n = report["num_images"]
+    images = jnp.asarray(data.test_images[:n], jnp.float32) / 255.0
+    methods, report["skipped"] = method_list(config, model, variants)
+    if "survival" in config.parts:
+        targets = jnp.argmax(model.apply(variables, images), -1)
+        figure = {}
+        for name, (m, v, _) in tqdm(variants.items(), desc="survival", disable=config.quiet):
+            report["variants"][name]["survival"] = {}
+            for method in methods:
+                found, figure[(name, method)] = survival_part(
+                    method, (model, variables), (m, v), images, targets, config)
+                report["variants"][name]["survival"][method] = found
+            write()
+        plot_survival(out / "survival.png", np.asarray(images), figure)
+    if "faithfulness" in config.parts:
+        setup = EvalConfig(num_images=n, step=config.step, randomization_images=min(4, n),
+                           chunk=n, batch_size=256, focus_mosaics=0, faithfulness_subsets=10,
+                           infidelity_perturbations=4, seed=config.seed, quiet=True)
+        labels = jnp.asarray(data.test_labels[:n])
+        original = xai_cards.prepare(setup, model, variables, images, labels)
+        for name, (m, v, _) in tqdm(variants.items(), desc="faithfulness",
+                                    disable=config.quiet):
+            run = xai_cards.prepare(setup, m, v, images, labels)
+            report["variants"][name]["faithfulness"] = {
+                method: faithfulness_part(method, {"original": original, "variant": run},
+                                          config) for method in methods}
+            write()
+    write()
+    return report
+
+
+# ---------------------------------------------------------------- command line
+
+
+def parse_args(argv=None) -> CompressConfig:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    defaults = CompressConfig()
+    cli.add_input_flags(parser, defaults.output_dir)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
+                        help="default: all of them")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=None,
+                        help="default: all of them")
+    parser.add_argument("--methods", nargs="+", choices=tuple(xv.METHODS), default=None,
+                        help="default: every method that explains the original and each "
+                             "variant")
+    for name, minimum, text in [
+            ("num_images", 1, "first test records explained"),
+            ("calibration_images", 1, "first training images that calibrate int8"),
+            ("finetune_epochs", 0, "epochs of fine-tuning after pruning"),
+            ("finetune_images", 1, "first training images fine-tuned on (default: all)"),
+            ("finetune_batch_size", 1, "images per fine-tuning step"),
+            ("top_k", 1, "pixels in the top-k intersection"),
+            ("timing_repeats", 1, "timed calls per model and batch size"),
+            ("step", 1, "pixels per ROAD curve point"),
+            ("seed", 0, "seeds the fine-tuning, the maps and the intervals")]:
+        parser.add_argument("--" + name.replace("_", "-"), type=cli.int_at_least(minimum),
+                            default=getattr(defaults, name),
+                            help=f"{text} (default: %(default)s)")
+    parser.add_argument("--finetune-lr", type=float, default=defaults.finetune_lr,
+                        help="peak learning rate of the fine-tuning (default: %(default)s)")
+    parser.add_argument("--filter-fraction", type=float, default=defaults.filter_fraction,
+                        help="share of every conv's filters that 'filters' removes, in "
+                             "[0, 1) (default: %(default)s)")
+    parser.add_argument("--filter-criterion", choices=xc.CRITERIA,
+                        default=defaults.filter_criterion,
+                        help="which filters go: lowest L1 norm or BatchNorm |scale| "
+                             "(default: %(default)s)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    args = vars(parser.parse_args(argv))
+    if not 0 <= args["filter_fraction"] < 1:
+        parser.error(f"--filter-fraction: must be in [0, 1), got {args['filter_fraction']}")
+    if not args["finetune_lr"] > 0:
+        parser.error(f"--finetune-lr: must be > 0, got {args['finetune_lr']}")
+    for name in ("variants", "parts", "methods"):
+        args[name] = (tuple(dict.fromkeys(args[name])) if args[name] is not None
+                      else (None if name == "methods" else getattr(defaults, name)))
+    return CompressConfig(**args)
+
+
+@cli.entry_point
+def main(argv=None):
+    config = parse_args(argv)
+    cli.check_writable(config.output_dir, "--output-dir", folder=True)
+    report = compress(config)
+    if not config.quiet:
+        print(markdown(report))
+        print(f"wrote {config.output_dir}/compression.json, compression.md and the "
+              "variants' checkpoints")
+
+
+if __name__ == "__main__":
+    main()

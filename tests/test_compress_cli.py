@@ -1,0 +1,76 @@
+"""compress_xai.py end to end on a tiny checkpoint and synthetic CIFAR-10 files."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import checkpoints
+import cifar10_data
+import compress_xai
+import train_cifar10 as tc
+import xai_compression as xc
+from conftest import ROOT
+from test_demo import data  # noqa: F401 (a fixture)
+
+pytest.importorskip("qwix")
+FLAGS = ["--num-images", "4", "--calibration-images", "16", "--finetune-epochs", "1",
+         "--finetune-images", "64", "--finetune-batch-size", "32", "--top-k", "20", "--timing-repeats", "3", "--step", "256",
+         "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_model, tiny_variables, tmp_path_factory):
+    path = tmp_path_factory.mktemp("compress") / "tiny.pkl"
+    tc.save_checkpoint(path, tiny_model, tiny_variables)
+    return path
+
+
+@pytest.mark.slow
+def test_the_card_measures_every_variant_and_saves_each_as_a_checkpoint(
+        checkpoint, data, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(cifar10_data, "load_cifar10", lambda data_dir: data)
+    out = tmp_path / "card"
+    compress_xai.main(["--checkpoint", str(checkpoint), "--output-dir", str(out),
+                       "--variants", "int8", "sparse50", "filters", "--methods", "saliency",
+                       "--filter-fraction", "0.5", *FLAGS])
+    report = json.loads((out / "compression.json").read_text())
+    rows = report["variants"]
+    assert list(rows) == ["original", "int8", "sparse50", "filters"]
+    assert rows["original"]["speed"]["throughput_ratio"] == 1.0
+    assert rows["int8"]["size"]["weight_bytes"] < rows["original"]["size"]["weight_bytes"] / 3
+    assert rows["sparse50"]["size"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert rows["filters"]["size"]["flops"] < 0.4 * rows["original"]["size"]["flops"]
+    assert rows["filters"]["record"] == {"pruning": "filters", "fraction": 0.5,
+                                         "criterion": "l1", "finetune_epochs": 1}
+    for name in ("int8", "sparse50", "filters"):
+        assert 0 <= rows[name]["accuracy"]["agreement"] <= 1
+        survival = rows[name]["survival"]["saliency"]
+        assert -1 <= survival["spearman"]["low"] <= survival["spearman"]["high"] <= 1
+        road = rows[name]["faithfulness"]["saliency"]["road_morf_auc"]
+        assert road["variant_vs_original"]["verdict"] in ("better", "worse", "tie")
+        # every variant is a checkpoint that loads and runs
+        model, variables = checkpoints.load_checkpoint(out / "variants" / f"{name}.pkl")
+        assert np.all(np.isfinite(np.asarray(model.apply(
+            variables, np.asarray(data.test_images[:2], np.float32) / 255))))
+    assert xc.record(checkpoints.load_checkpoint(out / "variants" / "int8.pkl")[0]) == (
+        rows["int8"]["record"])
+    md = (out / "compression.md").read_text()
+    assert "| int8 | saliency |" in md and "| filters |" in md
+    assert (out / "survival.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, message", [
+    (["--variants", "int3"], "--variants: invalid choice: 'int3'"),
+    (["--filter-fraction", "1.5"], "--filter-fraction: must be in [0, 1), got 1.5"),
+    (["--filter-criterion", "l2"], "--filter-criterion: invalid choice: 'l2'"),
+    (["--num-images", "0"], "--num-images: must be an int >= 1, got 0"),
+])
+def test_bad_flags_are_one_line_errors(flags, message):
+    done = subprocess.run([sys.executable, "compress_xai.py", *flags], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr
+    assert "Traceback" not in done.stderr
