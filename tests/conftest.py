@@ -50,8 +50,8 @@ RECORDS = 20  # records per synthetic batch file
 # the longest (by their cold times on the 2-core CPU) are collected first.
 LONGEST_FIRST = ("test_first_hour.py", "test_distributed.py", "test_traced.py", "test_app.py",
                  "test_demo.py", "test_any_model.py",
-                 "test_train.py", "test_adversarial.py", "test_architectures.py", "test_compress_cli.py",
-                 "test_methods.py", "test_xai.py", "test_packaging.py",
+                 "test_train.py", "test_adversarial.py", "test_architectures.py",
+                 "test_compress_cli.py", "test_methods.py", "test_xai.py", "test_packaging.py",
                  "test_reliability.py", "test_app_browser.py", "test_evaluate.py",
                  "test_road.py", "test_integration.py", "test_cli.py", "test_metrics.py",
                  "test_lrp.py", "test_properties.py", "test_surrogates.py")
