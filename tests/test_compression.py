@@ -79,6 +79,19 @@ def test_gradients_pass_the_rounding_straight_through(variables, quantized):
     assert np.all(np.isfinite(np.asarray(maps.maps))) and float(jnp.abs(maps.maps).sum()) > 0
 
 
+def test_a_quantised_models_init_runs_under_jit_and_gives_uncalibrated_statistics(
+        variables, quantized):
+    qmodel, qvariables = quantized["int8"]
+    fresh = jax.jit(qmodel.init)(jax.random.key(5), IMAGES[:1])  # as the cascade does
+    assert jax.tree.structure(fresh["params"]) == jax.tree.structure(variables["params"])
+    assert jax.tree.structure(fresh["quant_stats"]) == jax.tree.structure(
+        qvariables["quant_stats"])
+    assert all(int(c) == 0 for p, c in jax.tree_util.tree_flatten_with_path(
+        fresh["quant_stats"])[0] if p[-1].key == "count")
+    logits = jax.jit(qmodel.apply)(fresh, IMAGES)
+    assert np.all(np.isfinite(np.asarray(logits)))
+
+
 @pytest.mark.parametrize("scheme", list(xc.SCHEMES))
 def test_a_quantised_checkpoint_round_trips_bit_for_bit(quantized, scheme, tmp_path):
     qmodel, qvariables = quantized[scheme]
