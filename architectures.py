@@ -57,12 +57,14 @@ class BasicBlock(nn.Module):
     features: int
     stride: int = 1
     dtype: Any = jnp.float32
+    inner: Optional[int] = None  # conv1's channels, where pruning narrowed them
 
     def setup(self):
-        conv = lambda stride, name: nn.Conv(  # noqa: E731
-            self.features, (3, 3), (stride, stride), padding=1, use_bias=False,
+        conv = lambda features, stride, name: nn.Conv(  # noqa: E731
+            features, (3, 3), (stride, stride), padding=1, use_bias=False,
             kernel_init=_he_normal, dtype=self.dtype, name=name)
-        self.conv1, self.conv2 = conv(self.stride, "conv1"), conv(1, "conv2")
+        self.conv1 = conv(self.inner or self.features, self.stride, "conv1")
+        self.conv2 = conv(self.features, 1, "conv2")
         self.bn1, self.bn2 = (nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=jnp.float32,
                                            name=name) for name in ("bn1", "bn2"))
 
@@ -92,13 +94,15 @@ class Stage(nn.Module):
     stride: int
     dtype: Any = jnp.float32
     block: Callable = None
+    inner: Optional[Tuple[int, ...]] = None  # each basic block's conv1 channels
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
         block = self.block or BasicBlock
         for i in range(self.blocks):
+            narrowed = {} if self.inner is None else {"inner": self.inner[i]}
             x = block(features=self.features, stride=self.stride if i == 0 else 1,
-                      dtype=self.dtype, name=f"block{i + 1}")(x, train=train)
+                      dtype=self.dtype, name=f"block{i + 1}", **narrowed)(x, train=train)
         return x
 
 
@@ -128,6 +132,9 @@ class ResNet20(nn.Module):
     width: int = 16
     blocks_per_stage: int = 3
     dtype: Any = jnp.float32
+    # the first conv's channels in every block, in order, where structured pruning
+    # narrowed them (the second conv's stay the stage's, which the shortcut adds to)
+    inner: Optional[Tuple[int, ...]] = None
     explanation_layer: ClassVar[str] = "stage3"
     input_shape: ClassVar[Tuple[int, int, int]] = (32, 32, 3)
 
@@ -137,9 +144,16 @@ class ResNet20(nn.Module):
                       width=(self.width, _positive_int(self.width), "an int >= 1"),
                       blocks_per_stage=(self.blocks_per_stage,
                                         _positive_int(self.blocks_per_stage), "an int >= 1"))
+        n = self.blocks_per_stage
+        if self.inner is not None and not (
+                isinstance(self.inner, tuple) and len(self.inner) == 3 * n
+                and all(_positive_int(c) for c in self.inner)):
+            raise ValueError(f"ResNet20 inner must be None or a tuple of {3 * n} ints >= 1 "
+                             f"(one per block), got {self.inner!r}")
         self.stem = Stem(self.width, self.dtype)
-        self.stages = [Stage(self.width * 2**i, self.blocks_per_stage, 1 if i == 0 else 2,
-                             self.dtype, name=f"stage{i + 1}") for i in range(3)]
+        self.stages = [Stage(self.width * 2**i, n, 1 if i == 0 else 2, self.dtype,
+                             inner=None if self.inner is None else self.inner[i * n:(i + 1) * n],
+                             name=f"stage{i + 1}") for i in range(3)]
         self.head = nn.Dense(self.num_classes, dtype=self.dtype)
 
     def __call__(self, x, *, train: bool = False):
@@ -469,8 +483,11 @@ class EfficientNet(nn.Module):
 # ---------------------------------------------------------------- registry
 
 
-def _fields(*names):
-    return lambda model: {name: getattr(model, name) for name in names}
+def _fields(*names, optional=()):
+    """The constructor arguments `names`, and those of `optional` that are not None."""
+    return lambda model: {**{name: getattr(model, name) for name in names},
+                          **{name: getattr(model, name) for name in optional
+                             if getattr(model, name) is not None}}
 
 
 class Architecture(NamedTuple):
@@ -493,7 +510,8 @@ class Architecture(NamedTuple):
 MODELS = {
     "cnn": Architecture(CIFAR10CNN, model_config, "channels of block 1 (default 64)",
                         "the seed's VGG-style CNN"),
-    "resnet20": Architecture(ResNet20, _fields("num_classes", "width", "blocks_per_stage"),
+    "resnet20": Architecture(ResNet20, _fields("num_classes", "width", "blocks_per_stage",
+                                               optional=("inner",)),
                              "channels of stage 1 (default 16)",
                              "He et al. 2016, Deep Residual Learning, sec. 4.2"),
     "efficientnet": Architecture(

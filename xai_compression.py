@@ -28,6 +28,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from architectures import ResNet20
 from cifar10_cnn_model import CIFAR10CNN, CONVS_PER_BLOCK
 from xai_core import check_batch, check_int
 
@@ -332,12 +333,35 @@ def sparsity_of(params):
 CRITERIA = ("l1", "bn_scale")  # a filter's L1 norm, or its BatchNorm's |scale| (slimming)
 
 
-def _cnn_chain(model):
-    """The CNN's convolutions in order, as (conv path, BatchNorm path): each one's output
-    channels are the next one's input channels (pooling keeps channels), and the last
-    one's are the rows of the head's first Dense layer (after global average pooling)."""
-    return [((f"block{b + 1}", f"Conv_{i}"), (f"block{b + 1}", f"BatchNorm_{i}"))
-            for b, n in enumerate(CONVS_PER_BLOCK) for i in range(n)], ("head", "Dense_0")
+def _groups(model):
+    """What structured pruning may narrow, as (conv, its BatchNorm, [(the layer reading
+    its channels, that layer's kernel axis for them)]) module paths. The CNN: every
+    convolution (the next one reads it; pooling keeps channels; the last one's channels
+    are the rows of the head's first Dense layer after global average pooling). ResNet-20:
+    the first convolution of every basic block, read only by the block's second one; the
+    second one's channels are added to the shortcut's, so they stay."""
+    if type(model) is CIFAR10CNN:
+        convs = [(f"block{b + 1}", i) for b, n in enumerate(CONVS_PER_BLOCK) for i in range(n)]
+        paths = [((block, f"Conv_{i}"), (block, f"BatchNorm_{i}")) for block, i in convs]
+        readers = [[(conv, 2)] for conv, _ in paths[1:]] + [[(("head", "Dense_0"), 0)]]
+        return [(conv, bn, reader) for (conv, bn), reader in zip(paths, readers)]
+    if type(model) is ResNet20:
+        return [((stage, block, "conv1"), (stage, block, "bn1"), [((stage, block, "conv2"), 2)])
+                for stage in ("stage1", "stage2", "stage3")
+                for block in (f"block{i + 1}" for i in range(model.blocks_per_stage))]
+    raise TypeError(f"structured pruning here narrows the CIFAR10CNN and ResNet20; got "
+                    f"{type(model).__name__}")
+
+
+def _narrowed(model, widths):
+    """`model` rebuilt with the pruned groups' widths, in `_groups`' order."""
+    return model.clone(**{"channels" if type(model) is CIFAR10CNN else "inner": tuple(widths)})
+
+
+def _at(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
 
 
 def check_fraction(fraction):
@@ -348,50 +372,51 @@ def check_fraction(fraction):
 
 
 def filter_scores(model, variables, criterion="l1"):
-    """{conv path: (C,) score of each output filter}: the L1 norm of its kernel, or the
-    |scale| of the BatchNorm after it."""
+    """{conv path: (C,) score of each output filter}, for every conv that structured
+    pruning may narrow: the L1 norm of its kernel, or the |scale| of its BatchNorm."""
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
-    chain, _ = _cnn_chain(model)
     params = variables["params"]
-    get = lambda path: params[path[0]][path[1]]  # noqa: E731
-    return {conv: (np.abs(np.asarray(get(conv)["kernel"])).sum(axis=(0, 1, 2))
-                   if criterion == "l1" else np.abs(np.asarray(get(bn)["scale"])))
-            for conv, bn in chain}
+    return {conv: (np.abs(np.asarray(_at(params, conv)["kernel"])).sum(axis=(0, 1, 2))
+                   if criterion == "l1" else np.abs(np.asarray(_at(params, bn)["scale"])))
+            for conv, bn, _ in _groups(model)}
 
 
 def prune_filters(model, variables, fraction, criterion="l1"):
-    """(narrower model, its variables): the CNN with `fraction` of the filters of every
-    convolution removed, those of lowest `criterion` score, and with them their
-    BatchNorm entries and the matching input channels of the next layer. The result is
-    a `CIFAR10CNN` with `channels` set: really smaller and faster, not masked."""
-    if type(model) is not CIFAR10CNN:
-        raise TypeError(f"structured pruning here narrows the CIFAR10CNN; got "
-                        f"{type(model).__name__}")
+    """(narrower model, its variables): `fraction` of the filters of every conv that
+    `_groups` allows removed, those of lowest `criterion` score, with their BatchNorm
+    entries and the matching input channels of the layer that reads them. The result is
+    the same architecture rebuilt narrower (the CNN's `channels`, ResNet-20's `inner`):
+    really smaller and faster, not masked."""
+    groups = _groups(model)
     check_fraction(fraction)
-    chain, head = _cnn_chain(model)
     scores = filter_scores(model, variables, criterion)
-    keep = {}
-    for conv, _ in chain:
+    params = jax.tree.map(np.array, flax.core.unfreeze(variables["params"]))
+    stats = jax.tree.map(np.array, flax.core.unfreeze(variables.get("batch_stats", {})))
+    widths = []
+    for conv, bn, readers in groups:
         n = len(scores[conv])
-        kept = max(1, round((1 - fraction) * n))
-        keep[conv] = np.sort(np.argsort(-scores[conv], kind="stable")[:kept])
-    params = jax.tree.map(np.asarray, flax.core.unfreeze(variables["params"]))
-    stats = jax.tree.map(np.asarray, flax.core.unfreeze(variables.get("batch_stats", {})))
-    previous = None
-    for conv, bn in chain:
-        kernel = params[conv[0]][conv[1]]["kernel"]
-        if previous is not None:
-            kernel = kernel[:, :, previous, :]
-        params[conv[0]][conv[1]]["kernel"] = kernel[..., keep[conv]]
+        keep = np.sort(np.argsort(-scores[conv], kind="stable")[:max(1, round((1 - fraction) * n))])
+        widths.append(len(keep))
+        layer = _at(params, conv)
+        layer["kernel"] = layer["kernel"][..., keep]
         for tree in (params, stats):
-            if bn[1] in tree.get(bn[0], {}):
-                tree[bn[0]][bn[1]] = {k: v[keep[conv]] for k, v in tree[bn[0]][bn[1]].items()}
-        previous = keep[conv]
-    params[head[0]][head[1]]["kernel"] = params[head[0]][head[1]]["kernel"][previous]
-    narrow = model.clone(channels=tuple(len(keep[conv]) for conv, _ in chain))
-    return narrow, {**variables, "params": params,
-                    **({"batch_stats": stats} if stats else {})}
+            parent = _at(tree, bn[:-1]) if _has(tree, bn) else None
+            if parent is not None:
+                parent[bn[-1]] = {k: v[keep] for k, v in parent[bn[-1]].items()}
+        for reader, axis in readers:
+            layer = _at(params, reader)
+            layer["kernel"] = np.take(layer["kernel"], keep, axis=axis)
+    return _narrowed(model, widths), {**variables, "params": params,
+                                      **({"batch_stats": stats} if stats else {})}
+
+
+def _has(tree, path):
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return False
+        tree = tree[key]
+    return True
 
 
 def flops(model, variables, batch=1):

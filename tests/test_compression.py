@@ -13,6 +13,7 @@ import pytest
 import checkpoints
 import xai_compression as xc
 import xai_visualizations as xv
+from architectures import ResNet20
 from cifar10_cnn_model import CIFAR10CNN
 
 qwix = pytest.importorskip("qwix")
@@ -257,3 +258,33 @@ def test_a_structurally_pruned_checkpoint_round_trips(variables, tmp_path):
 def test_bad_pruning_settings_get_a_clear_error(variables, call, message):
     with pytest.raises((ValueError, TypeError), match=message):
         call(variables)
+
+
+def test_resnet_pruning_narrows_only_inside_the_blocks_and_keeps_the_shortcuts(tmp_path):
+    resnet = ResNet20(width=4, blocks_per_stage=1)
+    variables = resnet.init(jax.random.key(6), IMAGES[:1])
+    params = jax.tree.map(np.array, variables["params"])
+    stats = jax.tree.map(np.array, variables["batch_stats"])
+    silenced = {"stage1": [0, 3], "stage2": [1, 2, 5, 6], "stage3": [0, 4, 8, 9, 10, 15]}
+    for stage, channels in silenced.items():  # conv1's output exactly zero there
+        params[stage]["block1"]["conv1"]["kernel"][..., channels] = 0.0
+        params[stage]["block1"]["bn1"]["bias"][channels] = 0.0
+        stats[stage]["block1"]["bn1"]["mean"][channels] = 0.0
+    silent = {"params": params, "batch_stats": stats}
+    narrow, pruned = xc.prune_filters(resnet, silent, 0.4)
+    assert narrow.inner == (2, 5, 10)
+    for stage, width in (("stage1", 4), ("stage2", 8), ("stage3", 16)):  # shortcut widths
+        assert pruned["params"][stage]["block1"]["conv2"]["kernel"].shape[-1] == width
+    np.testing.assert_allclose(narrow.apply(pruned, IMAGES), resnet.apply(silent, IMAGES),
+                               atol=1e-5)
+    path = tmp_path / "narrow_resnet.pkl"
+    checkpoints.save_checkpoint(path, narrow, pruned, compression={"pruning": "filters"})
+    model, loaded = checkpoints.load_checkpoint(path)
+    assert model == narrow
+    np.testing.assert_array_equal(model.apply(loaded, IMAGES), narrow.apply(pruned, IMAGES))
+
+
+def test_structured_pruning_refuses_what_it_cannot_narrow():
+    from architectures import CCT
+    with pytest.raises(TypeError, match="narrows the CIFAR10CNN and ResNet20; got CCT"):
+        xc.prune_filters(CCT(), {"params": {}}, 0.5)
