@@ -7,7 +7,7 @@ speed and accuracy, and whether its explanations survive.
 
 Variants (`xai_compression`): 'int8' (Qwix, weights and activations, activations
 calibrated on training images), 'int8_weights' and 'int4_weights' (weights only),
-'sparse50', 'sparse70' and 'sparse90' (global magnitude pruning at that sparsity, then
+'int4_weights_qat' (int4 weights after quantisation-aware fine-tuning), 'sparse50', 'sparse70' and 'sparse90' (global magnitude pruning at that sparsity, then
 fine-tuned with the masks kept), and 'filters' (structured pruning of --filter-fraction
 of every conv's filters, a really narrower network, then fine-tuned). Each variant is
 saved as a checkpoint (`<output-dir>/variants/<name>.pkl`) that `load_checkpoint` reads.
@@ -52,8 +52,12 @@ from evaluate_xai import EvalConfig
 from xai_io import atomic_write
 
 QUANTIZED = tuple(xc.SCHEMES)  # 'int8', 'int8_weights', 'int4_weights'
+# quantisation-aware fine-tuning (Qwix's fake quantisation, straight-through gradients)
+# of the float weights, then the same quantisation; for weight-only schemes, whose
+# training steps need no activation statistics
+QAT = {"int4_weights_qat": "int4_weights"}
 SPARSE = {"sparse50": 0.5, "sparse70": 0.7, "sparse90": 0.9}
-VARIANTS = QUANTIZED + tuple(SPARSE) + ("filters",)
+VARIANTS = QUANTIZED + tuple(QAT) + tuple(SPARSE) + ("filters",)
 PARTS = ("size", "accuracy", "speed", "survival", "faithfulness")
 VERDICT_MARKS = {"better": "✓", "worse": "✗", "tie": "="}
 
@@ -97,6 +101,14 @@ def build_variant(name, model, variables, data, config: CompressConfig):
                           seed=config.seed, quiet=config.quiet)
     images = data.train_images[:config.finetune_images]
     labels = data.train_labels[:config.finetune_images]
+    if name in QAT:
+        scheme = QAT[name]
+        tuned = tc.fine_tune(xc.quantized_model(model, scheme), variables, images, labels,
+                             tune, desc=name) if config.finetune_epochs else variables
+        qmodel, qvariables = xc.quantize(model, tuned, scheme)
+        record = {**xc.record(qmodel), "quantization_aware_epochs": config.finetune_epochs}
+        type(qmodel).compression = record
+        return qmodel, qvariables, record
     if name in SPARSE:
         masks = xc.magnitude_masks(variables["params"], SPARSE[name])
         pruned = xc.prune(variables, masks)
@@ -295,7 +307,8 @@ def _how(record):
     if not record:
         return "float32"
     if "quantization" in record:
-        return f"Qwix {record['quantization']}"
+        qat = record.get("quantization_aware_epochs")
+        return f"Qwix {record['quantization']}" + (f", {qat} ep. QAT" if qat else "")
     if record["pruning"] == "magnitude":
         return f"magnitude {record['sparsity']:.0%}, {record['finetune_epochs']} ep."
     return (f"filters −{record['fraction']:.0%} ({record['criterion']}), "

@@ -734,9 +734,10 @@ def fine_tune(model, variables, images, labels, config: TrainConfig, *, keep=Non
     key = jax.random.key(config.seed)
     state = create_train_state(model, config, key, config.epochs * steps)
     tx = state.tx if keep is None else optax.chain(state.tx, keep)
-    params = jax.tree.map(jnp.asarray, variables["params"])
+    # copies: the training steps donate the state's buffers, and the caller keeps theirs
+    params = jax.tree.map(jnp.array, variables["params"])
     state = state.replace(params=params, tx=tx, opt_state=tx.init(params),
-                          batch_stats=jax.tree.map(jnp.asarray, variables.get("batch_stats", {})))
+                          batch_stats=jax.tree.map(jnp.array, variables.get("batch_stats", {})))
     settings = recipe(config)
     images, labels = jnp.asarray(images), jnp.asarray(labels)
     for epoch in range(config.epochs):

@@ -5,6 +5,7 @@ from typing import NamedTuple
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -103,3 +104,22 @@ def test_bad_flags_name_the_flag(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         compress_xai.parse_args(flags)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quantisation_aware_fine_tuning_trains_through_the_rounding(tiny_model, tiny_variables,
+                                                                     data):  # noqa: F811
+    config = compress_xai.CompressConfig(finetune_images=64, finetune_batch_size=32,
+                                         finetune_lr=0.05, quiet=True)
+    qmodel, qvariables, record = compress_xai.build_variant(
+        "int4_weights_qat", tiny_model, tiny_variables, data, config)
+    assert record == {"quantization": "int4_weights", "quantization_aware_epochs": 1}
+    ptq_model, ptq_variables = xc.quantize(tiny_model, tiny_variables, "int4_weights")
+    moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), qvariables["params"],
+                         ptq_variables["params"])
+    assert any(jax.tree.leaves(moved))  # the fine-tuning changed the weights ...
+    stored = xc.stored_params(qmodel, qvariables)  # ... and they are on the int4 grid
+    kernel = stored["block1"]["Conv_0"]["kernel"]
+    assert np.abs(kernel["qvalue"]).max() <= 7
+    np.testing.assert_array_equal(xc.dequantize(kernel),
+                                  np.asarray(qvariables["params"]["block1"]["Conv_0"]["kernel"]))
