@@ -29,6 +29,8 @@ Parts, each rewriting compression.json and compression.md as it finishes:
 import argparse
 import dataclasses
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Optional, Tuple
@@ -303,6 +305,25 @@ def markdown(report):
     return "\n".join(lines) + "\n"
 
 
+def variant_report(report, name):
+    """One variant's report, as its checkpoint's JSON: how it was made, from what, by
+    which command on which machine, and what the card measured of it; `metrics` holds
+    the test accuracies under the names training reports use."""
+    row = report["variants"][name]
+    accuracy = row.get("accuracy") or {}
+    return {"compressed_from": report["checkpoint"], "command": report.get("command"),
+            "device": report["device"], "compression": row["record"],
+            "metrics": {"compressed_from": report["checkpoint"],
+                        **({"test_accuracy_first1000": accuracy["accuracy_first1000"],
+                            "test_accuracy": accuracy["accuracy"],
+                            "agreement_with_original": accuracy["agreement"]}
+                           if accuracy else {})},
+            **{part: row[part] for part in PARTS if part in row},
+            "original": {part: report["variants"]["original"][part]
+                         for part in ("size", "accuracy", "speed")
+                         if part in report["variants"]["original"]}}
+
+
 def _how(record):
     if not record:
         return "float32"
@@ -365,14 +386,12 @@ def compress(config: CompressConfig, model=None, variables=None, data=None):
         data = cifar10_data.load_cifar10(config.data_dir)
     out = Path(config.output_dir)
     (out / "variants").mkdir(parents=True, exist_ok=True)
-    variants = {}
-    for name in tqdm(config.variants, desc="variants", disable=config.quiet):
-        variants[name] = build_variant(name, model, variables, data, config)
-        save_checkpoint(out / "variants" / f"{name}.pkl", variants[name][0], variants[name][1],
-                        metrics={"compressed_from": str(config.checkpoint)},
-                        compression=variants[name][2])
+    variants = {name: build_variant(name, model, variables, data, config)
+                for name in tqdm(config.variants, desc="variants", disable=config.quiet)}
     everything = {"original": (model, variables, None), **variants}
     report = {"checkpoint": str(config.checkpoint), "device": cli.describe_device(),
+              "command": "python " + " ".join(map(shlex.quote, sys.argv)) if sys.argv[0].endswith(
+                  "compress_xai.py") else None,
               "num_images": min(config.num_images, len(data.test_labels)),
               "config": dataclasses.asdict(config),
               "variants": {name: {"record": r} for name, (_, _, r) in everything.items()}}
@@ -381,6 +400,14 @@ def compress(config: CompressConfig, model=None, variables=None, data=None):
         atomic_write(out / "compression.json",
                      lambda f: f.write(json.dumps(report, indent=2).encode()))
         atomic_write(out / "compression.md", lambda f: f.write(markdown(report).encode()))
+        for name, (m, v, r) in variants.items():  # each variant, a checkpoint and its report
+            own = variant_report(report, name)
+            save_checkpoint(out / "variants" / f"{name}.pkl", m, v, metrics=own["metrics"],
+                            compression=r)
+            atomic_write(out / "variants" / f"{name}.json",
+                         lambda f, own=own: f.write(json.dumps(own, indent=2).encode()))
+
+    write()
 
     if "size" in config.parts:
         for name, (m, v, r) in everything.items():

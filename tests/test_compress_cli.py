@@ -57,6 +57,12 @@ def test_the_card_measures_every_variant_and_saves_each_as_a_checkpoint(
             variables, np.asarray(data.test_images[:2], np.float32) / 255))))
     assert xc.record(checkpoints.load_checkpoint(out / "variants" / "int8.pkl")[0]) == (
         rows["int8"]["record"])
+    own = json.loads((out / "variants" / "int8.json").read_text())  # each variant's report
+    assert own["accuracy"] == rows["int8"]["accuracy"] and own["compression"] == rows["int8"][
+        "record"] and own["original"]["size"] == rows["original"]["size"]
+    assert checkpoints.describe_checkpoint(out / "variants" / "int8.pkl").endswith(
+        f"{rows['int8']['accuracy']['accuracy_first1000']:.1%} on the first 1,000 test "
+        f"records, {rows['int8']['accuracy']['accuracy']:.1%} on all")
     md = (out / "compression.md").read_text()
     assert "| int8 | saliency |" in md and "| filters |" in md
     assert (out / "survival.png").read_bytes()[:4] == b"\x89PNG"

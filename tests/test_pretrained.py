@@ -62,3 +62,44 @@ def test_pretrained_accuracy_is_what_its_report_says(name):
     report = json.loads(SHIPPED[name].with_suffix(".json").read_text())
     assert np.mean(logits.argmax(1) == labels) == pytest.approx(
         report["test_accuracy_first1000"], abs=1e-3)
+
+
+INT8 = checkpoints.PRETRAINED_DIR / "cifar10_cnn_int8.pkl"
+
+
+def test_the_int8_cnn_is_a_quarter_of_the_size_and_loads_as_any_checkpoint():
+    xc = pytest.importorskip("xai_compression")
+    pytest.importorskip("qwix")
+    model, variables = checkpoints.load_checkpoint(INT8)
+    assert xc.record(model) == {"quantization": "int8", "calibration_images": 1024}
+    with open(INT8, "rb") as f:
+        raw = pickle.load(f)
+    assert raw["params"]["block1"]["Conv_0"]["kernel"]["qvalue"].dtype == np.int8
+    float_model, float_variables = checkpoints.load_checkpoint(checkpoints.PRETRAINED)
+    shipped = xc.weight_bytes(raw["params"], "int8")
+    assert xc.weight_bytes(checkpoints.plain(float_variables["params"])) >= 3.5 * shipped
+    report = json.loads(INT8.with_suffix(".json").read_text())
+    assert report["size"]["weight_bytes"] == shipped
+    assert report["command"].startswith("python compress_xai.py --checkpoint "
+                                        "pretrained/cifar10_cnn.pkl --variants int8")
+
+
+@pytest.mark.skipif(not os.environ.get("CIFAR10_DIR"),
+                    reason="CIFAR10_DIR is not set (.ci/run sets it)")
+@pytest.mark.slow
+def test_the_int8_cnn_loses_at_most_half_a_point_on_the_first_1000():
+    pytest.importorskip("qwix")
+    data = load_cifar10(os.environ["CIFAR10_DIR"])
+    images = data.test_images[:tc.EXACT_TEST_RECORDS] / np.float32(255)
+    labels = data.test_labels[:tc.EXACT_TEST_RECORDS]
+    accuracy = {}
+    for path in (checkpoints.PRETRAINED, INT8):
+        model, variables = checkpoints.load_checkpoint(path)
+        forward = jax.jit(model.apply)
+        logits = np.concatenate([forward(variables, images[i:i + 250])
+                                 for i in range(0, len(images), 250)])
+        accuracy[path.name] = np.mean(logits.argmax(1) == labels)
+    report = json.loads(INT8.with_suffix(".json").read_text())
+    assert accuracy["cifar10_cnn_int8.pkl"] == pytest.approx(
+        report["metrics"]["test_accuracy_first1000"], abs=1e-3)
+    assert accuracy["cifar10_cnn_int8.pkl"] >= accuracy["cifar10_cnn.pkl"] - 0.005
