@@ -136,10 +136,9 @@ def load_checkpoint(path=None):
         compression = config.get("compression")
         variables = {k: checkpoint[k] for k in ("params", "batch_stats")
                      if k == "params" or checkpoint[k]}  # a model without BatchNorm has none
-        stored = variables["params"]
         if compression and "quantization" in compression:
             compression_lib.check_scheme(compression["quantization"])
-            variables["params"] = compression_lib.dequantize(stored)
+            variables["params"] = compression_lib.dequantize(variables["params"])
     except Exception as e:
         raise ValueError(f"checkpoint {str(path)!r} is not a readable cifar10-xai "
                          f"checkpoint ({type(e).__name__}: {e})") from None
@@ -154,8 +153,7 @@ def load_checkpoint(path=None):
                          f"config {fields} does not build a {architecture} ({e})") from None
     _check_structure(path, model, variables)
     if compression and "quantization" in compression:
-        model, variables = compression_lib.restore(model, compression,
-                                                   {**variables, "params": stored})
+        model, variables = compression_lib.restore(model, compression, variables)
         stats = checkpoint.get("quant_stats") or {}
         if stats:
             _check_quant_stats(path, model, variables, stats)

@@ -48,7 +48,7 @@ import xai_compression as xc
 import xai_metrics as xm
 import xai_visualizations as xv
 from architectures import registry_name
-from checkpoints import default_checkpoint, describe_checkpoint, load_checkpoint, save_checkpoint
+from checkpoints import save_checkpoint
 from cifar10_data import EXACT_TEST_RECORDS
 from evaluate_xai import EvalConfig
 from xai_io import atomic_write
@@ -210,24 +210,24 @@ def method_list(config, model, variants):
     return methods, {m: w for m, w in skipped.items() if m not in methods}
 
 
-def survival_part(method, original, variant, images, targets, config):
-    """Per-image survival of `method`'s maps, with 95 % bootstrap intervals."""
-    key = jax.random.key(config.seed)
-    maps = {}
-    for side, (model, variables) in (("original", original), ("variant", variant)):
-        options = xv.check_options(method, model, {}, images.shape[1:], variables)
-        fn = jax.jit(lambda v, x, t, m=model, o=options: xv.explain(
-            method, m, v, x, t, key, **o).maps)
-        maps[side] = fn(variables, images, targets)
-    found = xm.map_survival(maps["variant"], maps["original"], k=config.top_k)
-    return ({name: xm.mean_interval(np.asarray(v), config.seed) for name, v in found.items()},
-            {side: np.asarray(m) for side, m in maps.items()})
+def explained(method, model, variables, images, targets, seed):
+    """`method`'s maps of `images` for `targets`, with the registry's default options."""
+    options = xv.check_options(method, model, {}, images.shape[1:], variables)
+    key = jax.random.key(seed)
+    fn = jax.jit(lambda v, x, t: xv.explain(method, model, v, x, t, key, **options).maps)
+    return np.asarray(fn(variables, images, targets))
 
 
-def faithfulness_part(method, runs, config):
+def survival_part(maps, reference, config):
+    """Per-image survival of a variant's `maps` against the original's, with 95 %
+    bootstrap intervals."""
+    found = xm.map_survival(jnp.asarray(maps), jnp.asarray(reference), k=config.top_k)
+    return {name: xm.mean_interval(np.asarray(v), config.seed) for name, v in found.items()}
+
+
+def faithfulness_part(cards, config):
     """ROAD per image of the original and the variant, paired; randomisation side by
-    side. `runs` is {'original': Run, 'variant': Run} from `xai_cards.prepare`."""
-    cards = {side: xai_cards.card(run, method) for side, run in runs.items()}
+    side. `cards` is {'original': Card, 'variant': Card} from `xai_cards.card`."""
     out = {}
     for measure, lower in (("road_morf_auc", True), ("road_lerf_auc", False)):
         original = np.asarray(cards["original"].measures[measure])
@@ -248,35 +248,21 @@ def faithfulness_part(method, runs, config):
 def markdown(report):
     lines = [f"Compression card of `{report['checkpoint']}`; {report['device']}; explanations "
              f"on the first {report['num_images']} test records, each for the original's "
-             "predicted class.", ""]
+             "predicted class."]
     rows = report["variants"]
-    if any("size" in r for r in rows.values()):
-        lines += ["| variant | how | weight bytes | × smaller | parameters | sparsity | FLOPs "
-                  "| × fewer |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        base = rows["original"].get("size")
-        for name, r in rows.items():
-            s = r.get("size")
-            if s:
-                lines.append(
-                    f"| {name} | {_how(r['record'])} | {s['weight_bytes']:,} | "
-                    f"{base['weight_bytes'] / s['weight_bytes']:.2f} | {s['parameters']:,} | "
-                    f"{s['sparsity']:.1%} | {s['flops']:,.0f} | {base['flops'] / s['flops']:.2f} |")
-    if any("accuracy" in r for r in rows.values()):
-        lines += ["", "| variant | test, first 1,000 | test, all | agrees with the original |",
-                  "| --- | --- | --- | --- |"]
-        for name, r in rows.items():
-            a = r.get("accuracy")
-            if a:
-                lines.append(f"| {name} | {a['accuracy_first1000']:.1%} | {a['accuracy']:.1%} | "
-                             f"{a['agreement']:.1%} |")
-    if any("speed" in r for r in rows.values()):
-        lines += ["", "| variant | latency, batch 1 | × original | throughput, batch 256 | "
-                  "× original |", "| --- | --- | --- | --- | --- |"]
-        for name, r in rows.items():
-            s = r.get("speed")
-            if s:
-                lines.append(f"| {name} | {s['latency_ms']:.2f} ms | {s['latency_ratio']:.2f} "
-                             f"| {s['throughput']:.0f} img/s | {s['throughput_ratio']:.2f} |")
+    base = rows["original"]
+    lines += _table(rows, "size", ("how", "weight bytes", "× smaller", "parameters",
+                                   "sparsity", "FLOPs", "× fewer"), lambda r, s: (
+        _how(r["record"]), f"{s['weight_bytes']:,}",
+        f"{base['size']['weight_bytes'] / s['weight_bytes']:.2f}", f"{s['parameters']:,}",
+        f"{s['sparsity']:.1%}", f"{s['flops']:,.0f}", f"{base['size']['flops'] / s['flops']:.2f}"))
+    lines += _table(rows, "accuracy", ("test, first 1,000", "test, all",
+                                       "agrees with the original"), lambda r, a: (
+        f"{a['accuracy_first1000']:.1%}", f"{a['accuracy']:.1%}", f"{a['agreement']:.1%}"))
+    lines += _table(rows, "speed", ("latency, batch 1", "× original", "throughput, batch 256",
+                                    "× original"), lambda r, s: (
+        f"{s['latency_ms']:.2f} ms", f"{s['latency_ratio']:.2f}", f"{s['throughput']:.0f} img/s",
+        f"{s['throughput_ratio']:.2f}"))
     if any("survival" in r for r in rows.values()):
         lines += ["", f"Survival: mean [95 % interval] over images of the Spearman ρ of |map| "
                   f"and of the top-{report['config']['top_k']} intersection, variant against "
@@ -325,6 +311,17 @@ def variant_report(report, name):
             "original": {part: report["variants"]["original"][part]
                          for part in ("size", "accuracy", "speed")
                          if part in report["variants"]["original"]}}
+
+
+def _table(rows, part, columns, cells):
+    """A Markdown table of one part, a row per variant that has it: `cells(row, part's
+    values)` gives the cells after the variant's name. No rows: no table."""
+    body = [f"| {name} | " + " | ".join(cells(r, r[part])) + " |"
+            for name, r in rows.items() if part in r]
+    if not body:
+        return []
+    return ["", "| variant | " + " | ".join(columns) + " |",
+            "| --- |" + " --- |" * len(columns), *body]
 
 
 def _how(record):
@@ -378,11 +375,7 @@ def plot_survival(path, images, maps):
 def compress(config: CompressConfig, model=None, variables=None, data=None):
     """Builds the variants, runs the parts and writes the card; returns the report."""
     if model is None:
-        config = dataclasses.replace(config, checkpoint=str(config.checkpoint
-                                                            or default_checkpoint()))
-        model, variables = load_checkpoint(config.checkpoint)
-        if not config.quiet:
-            print(f"compressing {describe_checkpoint(config.checkpoint)}")
+        config, model, variables = cli.load_card_checkpoint(config, "compressing")
     if "filters" in config.variants:  # checked before any work
         xc.prune_filters(model, variables, config.filter_fraction, config.filter_criterion)
     if data is None:
@@ -399,18 +392,21 @@ def compress(config: CompressConfig, model=None, variables=None, data=None):
               "config": dataclasses.asdict(config),
               "variants": {name: {"record": r} for name, (_, _, r) in everything.items()}}
 
-    def write():
+    def write(checkpoints=False):
+        """The card and each variant's report; with `checkpoints`, each variant's
+        checkpoint too (whose metrics change only with the accuracy part)."""
         atomic_write(out / "compression.json",
                      lambda f: f.write(json.dumps(report, indent=2).encode()))
         atomic_write(out / "compression.md", lambda f: f.write(markdown(report).encode()))
-        for name, (m, v, r) in variants.items():  # each variant, a checkpoint and its report
+        for name, (m, v, r) in variants.items():
             own = variant_report(report, name)
-            save_checkpoint(out / "variants" / f"{name}.pkl", m, v, metrics=own["metrics"],
-                            compression=r)
+            if checkpoints:
+                save_checkpoint(out / "variants" / f"{name}.pkl", m, v,
+                                metrics=own["metrics"], compression=r)
             atomic_write(out / "variants" / f"{name}.json",
                          lambda f, own=own: f.write(json.dumps(own, indent=2).encode()))
 
-    write()
+    write(checkpoints=True)
 
     if "size" in config.parts:
         for name, (m, v, r) in everything.items():
@@ -422,7 +418,7 @@ def compress(config: CompressConfig, model=None, variables=None, data=None):
         for name in everything:
             report["variants"][name]["accuracy"] = accuracy_part(
                 logits[name], logits["original"], np.asarray(data.test_labels))
-        write()
+        write(checkpoints=True)
     if "speed" in config.parts:
         found = speed_part({n: (m, v) for n, (m, v, _) in everything.items()},
                            data.test_images[:256], config.timing_repeats)
@@ -434,13 +430,16 @@ def compress(config: CompressConfig, model=None, variables=None, data=None):
     methods, report["skipped"] = method_list(config, model, variants)
     if "survival" in config.parts:
         targets = jnp.argmax(model.apply(variables, images), -1)
+        reference = {method: explained(method, model, variables, images, targets, config.seed)
+                     for method in methods}  # the original's maps, once
         figure = {}
         for name, (m, v, _) in tqdm(variants.items(), desc="survival", disable=config.quiet):
             report["variants"][name]["survival"] = {}
             for method in methods:
-                found, figure[(name, method)] = survival_part(
-                    method, (model, variables), (m, v), images, targets, config)
-                report["variants"][name]["survival"][method] = found
+                maps = explained(method, m, v, images, targets, config.seed)
+                figure[(name, method)] = {"original": reference[method], "variant": maps}
+                report["variants"][name]["survival"][method] = survival_part(
+                    maps, reference[method], config)
             write()
         plot_survival(out / "survival.png", np.asarray(images), figure)
     if "faithfulness" in config.parts:
@@ -448,13 +447,15 @@ def compress(config: CompressConfig, model=None, variables=None, data=None):
                            chunk=n, batch_size=256, focus_mosaics=0, faithfulness_subsets=10,
                            infidelity_perturbations=4, seed=config.seed, quiet=True)
         labels = jnp.asarray(data.test_labels[:n])
-        original = xai_cards.prepare(setup, model, variables, images, labels)
+        run = xai_cards.prepare(setup, model, variables, images, labels)
+        original = {method: xai_cards.card(run, method) for method in methods}  # once
         for name, (m, v, _) in tqdm(variants.items(), desc="faithfulness",
                                     disable=config.quiet):
             run = xai_cards.prepare(setup, m, v, images, labels)
             report["variants"][name]["faithfulness"] = {
-                method: faithfulness_part(method, {"original": original, "variant": run},
-                                          config) for method in methods}
+                method: faithfulness_part({"original": original[method],
+                                           "variant": xai_cards.card(run, method)}, config)
+                for method in methods}
             write()
     write()
     return report

@@ -32,7 +32,6 @@ import xai_cards
 import xai_cli as cli
 import xai_metrics as xm
 import xai_visualizations as xv
-from checkpoints import default_checkpoint, describe_checkpoint, load_checkpoint
 from cifar10_data import EXACT_TEST_RECORDS
 from xai_cards import MEASURES, RANDOMIZATION_SETUP
 from xai_io import atomic_write
@@ -210,11 +209,7 @@ def plot_randomization(path, image, levels, cards, arrays):
 def evaluate(config: EvalConfig, model=None, variables=None, data=None):
     """Runs the evaluation and writes its files; returns the report dict."""
     if model is None:
-        config = dataclasses.replace(config, checkpoint=str(config.checkpoint
-                                                            or default_checkpoint()))
-        model, variables = load_checkpoint(config.checkpoint)
-        if not config.quiet:
-            print(f"evaluating {describe_checkpoint(config.checkpoint)}")
+        config, model, variables = cli.load_card_checkpoint(config, "evaluating")
     image_shape = data.test_images.shape[1:] if data is not None else None
     kwargs, skipped = dict(config.apply_kwargs), {}
     if config.methods is None:  # every method that can explain this model

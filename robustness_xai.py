@@ -35,7 +35,6 @@ import xai_attacks
 import xai_cards
 import xai_cli as cli
 import xai_visualizations as xv
-from checkpoints import default_checkpoint, describe_checkpoint, load_checkpoint
 from cifar10_data import EXACT_TEST_RECORDS
 from xai_io import atomic_write
 
@@ -101,11 +100,7 @@ class RobustnessConfig:
 def run(config: RobustnessConfig, model=None, variables=None, data=None):
     """Runs the card's parts and writes its files; returns the report dict."""
     if model is None:
-        config = dataclasses.replace(config, checkpoint=str(config.checkpoint
-                                                            or default_checkpoint()))
-        model, variables = load_checkpoint(config.checkpoint)
-        if not config.quiet:
-            print(f"attacking {describe_checkpoint(config.checkpoint)}")
+        config, model, variables = cli.load_card_checkpoint(config, "attacking")
     kwargs = dict(config.apply_kwargs)
     if config.methods is None:
         config = dataclasses.replace(config, methods=default_methods())

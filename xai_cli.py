@@ -265,6 +265,22 @@ def add_apply_kwargs_flag(parser):
                              "(default: none)")
 
 
+def load_card_checkpoint(config, doing: str):
+    """(config with its checkpoint resolved, model, variables) for a card's command line:
+    `config.checkpoint`, else the default checkpoint, loaded; unless `config.quiet`, one
+    line says which (e.g. 'evaluating pretrained/cifar10_cnn.pkl: ...')."""
+    import dataclasses  # noqa: PLC0415
+
+    from checkpoints import default_checkpoint, describe_checkpoint, load_checkpoint  # noqa: PLC0415
+
+    config = dataclasses.replace(config, checkpoint=str(config.checkpoint
+                                                        or default_checkpoint()))
+    model, variables = load_checkpoint(config.checkpoint)
+    if not config.quiet:
+        print(f"{doing} {describe_checkpoint(config.checkpoint)}")
+    return config, model, variables
+
+
 def check_writable(path, name: str, *, folder: bool = False):
     """Refuses, before any work is done, an output `path` that cannot be written.
 

@@ -39,7 +39,7 @@ SCHEMES = {
     "int4_weights": ("int4", None),
 }
 BITS = {"int8": 8, "int4": 4}
-QMAX = {"int8": 127, "int4": 7}
+QMAX = {qtype: 2 ** (bits - 1) - 1 for qtype, bits in BITS.items()}  # 127, 7
 # Symmetric absmax with the largest |w| of a channel at ±QMAX exactly. Qwix's absmax maps
 # it to QMAX + 0.5 (then clips); scaling its range by (QMAX + 0.5) / QMAX restores the
 # symmetric grid of TFLite and PyTorch, on which quantising the stored values again
@@ -60,10 +60,10 @@ def check_scheme(scheme):
         raise ValueError(f"scheme must be one of {tuple(SCHEMES)}, got {scheme!r}")
 
 
-def check_sparsity(sparsity):
-    if (isinstance(sparsity, bool) or not isinstance(sparsity, (int, float))
-            or not 0 <= sparsity < 1):
-        raise ValueError(f"sparsity must be a fraction in [0, 1), got {sparsity!r}")
+def _check_share(name, value, meaning):
+    """`value` in [0, 1), or a ValueError naming `name` and saying what it means."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be {meaning} in [0, 1), got {value!r}")
 
 
 def _rules(scheme):
@@ -243,14 +243,12 @@ def dequantize(stored):
 
 
 def restore(model, compression, variables):
-    """(model, variables) of a compressed checkpoint: `model` is the float architecture
-    the file records, `compression` its record, `variables` as stored."""
-    scheme = compression.get("quantization")
-    if scheme is None:
-        return model, variables
-    qmodel = quantized_model(model, scheme)
+    """(quantised model, variables) of a quantised checkpoint: `model` is the float
+    architecture the file records, `compression` its record, `variables` as loaded with
+    the kernels dequantised (`dequantize`)."""
+    qmodel = quantized_model(model, compression["quantization"])
     type(qmodel).compression = dict(compression)
-    return qmodel, _arrays({**variables, "params": dequantize(variables["params"])})
+    return qmodel, _arrays(variables)
 
 
 def weight_bytes(params, scheme=None):
@@ -286,7 +284,7 @@ def magnitude_masks(params, sparsity):
     round((1 - sparsity) · n) kernel weights of largest |w| over all n kernel weights of
     the network; ties at the threshold are broken by position. Biases, BatchNorm and
     other parameters are always kept."""
-    check_sparsity(sparsity)
+    _check_share("sparsity", sparsity, "a fraction")
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     kernels = [np.abs(np.asarray(v)).ravel() for p, v in leaves if _is_kernel(p)]
     if not kernels:
@@ -364,13 +362,6 @@ def _at(tree, path):
     return tree
 
 
-def check_fraction(fraction):
-    if (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
-            or not 0 <= fraction < 1):
-        raise ValueError(f"fraction must be the share of each layer's filters to remove, "
-                         f"in [0, 1), got {fraction!r}")
-
-
 def filter_scores(model, variables, criterion="l1"):
     """{conv path: (C,) score of each output filter}, for every conv that structured
     pruning may narrow: the L1 norm of its kernel, or the |scale| of its BatchNorm."""
@@ -389,7 +380,7 @@ def prune_filters(model, variables, fraction, criterion="l1"):
     the same architecture rebuilt narrower (the CNN's `channels`, ResNet-20's `inner`):
     really smaller and faster, not masked."""
     groups = _groups(model)
-    check_fraction(fraction)
+    _check_share("fraction", fraction, "the share of each layer's filters to remove,")
     scores = filter_scores(model, variables, criterion)
     params = jax.tree.map(np.array, flax.core.unfreeze(variables["params"]))
     stats = jax.tree.map(np.array, flax.core.unfreeze(variables.get("batch_stats", {})))
