@@ -48,10 +48,10 @@ import xai_compression as xc
 import xai_metrics as xm
 import xai_visualizations as xv
 from architectures import registry_name
-from checkpoints import save_checkpoint
+from checkpoints import load_checkpoint, save_checkpoint
 from cifar10_data import EXACT_TEST_RECORDS
 from evaluate_xai import EvalConfig
-from xai_io import atomic_write
+from xai_io import atomic_write, safe_pickle_load
 
 QUANTIZED = tuple(xc.SCHEMES)  # 'int8', 'int8_weights', 'int4_weights'
 # quantisation-aware fine-tuning (Qwix's fake quantisation, straight-through gradients)
@@ -78,6 +78,7 @@ class CompressConfig:
     finetune_lr: float = 0.01             # peak, warmup and cosine as in training
     finetune_images: Optional[int] = None  # first training images; default all
     finetune_batch_size: int = 128
+    variants_from: Optional[str] = None   # a folder of variants saved by an earlier run
     filter_fraction: float = 0.3          # of every conv's filters, for 'filters'
     filter_criterion: str = "l1"          # or 'bn_scale'
     top_k: int = 100                      # pixels in the top-k intersection
@@ -98,7 +99,7 @@ def build_variant(name, model, variables, data, config: CompressConfig):
         qmodel, qvariables = xc.quantize(model, variables, name, calibration,
                                          quiet=config.quiet)
         return qmodel, qvariables, xc.record(qmodel)
-    tune = tc.TrainConfig(model=registry_name(model), epochs=config.finetune_epochs,
+    tune = tc.TrainConfig(model=registry_name(model), epochs=max(config.finetune_epochs, 1),
                           lr=config.finetune_lr, batch_size=config.finetune_batch_size,
                           seed=config.seed, quiet=config.quiet)
     images = data.train_images[:config.finetune_images]
@@ -108,7 +109,8 @@ def build_variant(name, model, variables, data, config: CompressConfig):
         tuned = tc.fine_tune(xc.quantized_model(model, scheme), variables, images, labels,
                              tune, desc=name) if config.finetune_epochs else variables
         qmodel, qvariables = xc.quantize(model, tuned, scheme)
-        record = {**xc.record(qmodel), "quantization_aware_epochs": config.finetune_epochs}
+        record = {**xc.record(qmodel), "quantization_aware_epochs": config.finetune_epochs,
+                  **_tuned_on(config)}
         type(qmodel).compression = record
         return qmodel, qvariables, record
     if name in SPARSE:
@@ -118,14 +120,50 @@ def build_variant(name, model, variables, data, config: CompressConfig):
             pruned = tc.fine_tune(model, pruned, images, labels, tune,
                                   keep=xc.keep_pruned(masks), desc=name)
         return model, pruned, {"pruning": "magnitude", "sparsity": SPARSE[name],
-                               "finetune_epochs": config.finetune_epochs}
+                               "finetune_epochs": config.finetune_epochs, **_tuned_on(config)}
     narrow, pruned = xc.prune_filters(model, variables, config.filter_fraction,
                                       config.filter_criterion)
     if config.finetune_epochs:
         pruned = tc.fine_tune(narrow, pruned, images, labels, tune, desc=name)
     return narrow, pruned, {"pruning": "filters", "fraction": config.filter_fraction,
                             "criterion": config.filter_criterion,
-                            "finetune_epochs": config.finetune_epochs}
+                            "finetune_epochs": config.finetune_epochs, **_tuned_on(config)}
+
+
+def _tuned_on(config):
+    """Where the fine-tuning ran, for the record (a variant may be tuned on a GPU and
+    measured on this CPU, through --variants-from)."""
+    return {"finetune_device": cli.describe_device()} if config.finetune_epochs else {}
+
+
+def _matches(name, record):
+    if name in QUANTIZED:
+        return record.get("quantization") == name
+    if name in QAT:
+        return (record.get("quantization") == QAT[name]
+                and "quantization_aware_epochs" in record)
+    if name in SPARSE:
+        return record.get("pruning") == "magnitude" and record.get("sparsity") == SPARSE[name]
+    return record.get("pruning") == "filters"
+
+
+def load_variant(path, name):
+    """(model, variables, record) of the variant `name` that an earlier run saved at
+    `path` (its `variants/<name>.pkl`), checked to be that variant."""
+    model, variables = load_checkpoint(path)
+    record = safe_pickle_load(path)["config"].get("compression") or {}
+    if not _matches(name, record):
+        raise ValueError(f"--variants-from: {str(path)!r} is not the variant {name!r}: it "
+                         f"records {record or 'no compression'}")
+    return model, variables, record
+
+
+def _variant(name, model, variables, data, config):
+    """A saved variant from --variants-from where it has one, else a new one."""
+    saved = Path(config.variants_from or "") / f"{name}.pkl"
+    if config.variants_from and saved.is_file():
+        return load_variant(saved, name)
+    return build_variant(name, model, variables, data, config)
 
 
 def _logits(model, variables, images, batch_size=500):
@@ -329,11 +367,18 @@ def _how(record):
         return "float32"
     if "quantization" in record:
         qat = record.get("quantization_aware_epochs")
-        return f"Qwix {record['quantization']}" + (f", {qat} ep. QAT" if qat else "")
+        return (f"Qwix {record['quantization']}" + (f", {qat} ep. QAT" if qat else "")
+                + _where(record))
     if record["pruning"] == "magnitude":
-        return f"magnitude {record['sparsity']:.0%}, {record['finetune_epochs']} ep."
+        return (f"magnitude {record['sparsity']:.0%}, {record['finetune_epochs']} ep."
+                f"{_where(record)}")
     return (f"filters −{record['fraction']:.0%} ({record['criterion']}), "
-            f"{record['finetune_epochs']} ep.")
+            f"{record['finetune_epochs']} ep.{_where(record)}")
+
+
+def _where(record):
+    """' on GPU' for a variant fine-tuned on one."""
+    return " on GPU" if record.get("finetune_device", "").startswith("gpu") else ""
 
 
 def _interval(s):
@@ -382,7 +427,7 @@ def compress(config: CompressConfig, model=None, variables=None, data=None):
         data = cifar10_data.load_cifar10(config.data_dir)
     out = Path(config.output_dir)
     (out / "variants").mkdir(parents=True, exist_ok=True)
-    variants = {name: build_variant(name, model, variables, data, config)
+    variants = {name: _variant(name, model, variables, data, config)
                 for name in tqdm(config.variants, desc="variants", disable=config.quiet)}
     everything = {"original": (model, variables, None), **variants}
     report = {"checkpoint": str(config.checkpoint), "device": cli.describe_device(),
@@ -497,8 +542,15 @@ def parse_args(argv=None) -> CompressConfig:
                         default=defaults.filter_criterion,
                         help="which filters go: lowest L1 norm or BatchNorm |scale| "
                              "(default: %(default)s)")
+    parser.add_argument("--variants-from", metavar="DIR",
+                        help="take each variant that DIR/<name>.pkl holds (the variants "
+                             "folder of an earlier run, e.g. one fine-tuned on a GPU) "
+                             "instead of building it again")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
     args = vars(parser.parse_args(argv))
+    if args["variants_from"] is not None and not Path(args["variants_from"]).is_dir():
+        parser.error(f"--variants-from: expected a folder of variant checkpoints, got "
+                     f"{args['variants_from']!r}")
     if not 0 <= args["filter_fraction"] < 1:
         parser.error(f"--filter-fraction: must be in [0, 1), got {args['filter_fraction']}")
     if not args["finetune_lr"] > 0:
