@@ -45,6 +45,7 @@ EVIDENCE_STEP = 32               # pixels per point of the per-image deletion cu
 MAX_UPLOAD_PIXELS = 40_000_000   # larger uploads are refused before they are decoded
 DISPLAY_SCALE = 6                # 32 px images are shown 192 px wide, pixels kept sharp
 DEFAULT_METHODS = ("gradcam", "saliency")
+SURVIVAL_TOP_K = 100             # pixels in the variant panel's top-k intersection
 POOLS = ("every test image", "one class", "misclassified only")
 # Where evaluation reports are looked for, in order: `make evaluate`'s (in the working
 # folder, then in the clone), then the shipped ones (docs/evaluation/ for the CNN,
@@ -269,7 +270,14 @@ def main():
         st.error(f"Could not load the checkpoint: {e}")
         st.stop()
     fits = supported_methods(checkpoint, _mtime(checkpoint))
+    variants = compressed_variants(checkpoint, _mtime(checkpoint))
     with st.sidebar:
+        variant = st.selectbox(
+            "Compressed variant", (None, *variants), key="variant",
+            format_func=lambda path: "none" if path is None else variants[path],
+            help="a quantised or pruned checkpoint of this architecture (compress_xai.py "
+                 "writes them): its maps beside the original's, with how much of each "
+                 "map survived on this image")
         st.header("Explain")
         methods = st.multiselect("Explainers", fits,
                                  default=[m for m in DEFAULT_METHODS if m in fits],
@@ -307,7 +315,9 @@ def main():
         st.info("Choose one or more explainers in the sidebar.")
         return
     for method in methods:
-        show_method(st, checkpoint, method, image, target, pred, options.get(method, {}))
+        raw = show_method(st, checkpoint, method, image, target, pred, options.get(method, {}))
+        if variant:
+            show_variant(st, variant, method, image, target, raw, options.get(method, {}))
     if attack:
         show_attack(st, checkpoint, methods, image, pred if label is None else label,
                     eps, steps, options)
@@ -534,6 +544,72 @@ def show_method(st, checkpoint, method, image, target, pred, options=None):
         f"p({CLASS_NAMES[target]}) = {score:.1%}",
     ]
     right.markdown("\n".join(f"- {line}" for line in lines))
+    return raw
+
+
+def show_variant(st, variant, method, image, target, original, options=None):
+    """The compressed variant's map for the same target beside the original's, with
+    this image's survival measures (`xai_metrics.map_survival`)."""
+    import jax.numpy as jnp
+
+    from xai_metrics import map_survival
+    from xai_visualizations import METHODS, normalize_maps, overlay, unsupported
+
+    mtime = _mtime(variant)
+    model, variables = load_model(variant, mtime)
+    why = unsupported(method, model)
+    if why:
+        st.caption(f"{METHODS[method].label} cannot explain the variant: {why}")
+        return
+    chosen = tuple(sorted((options or {}).items()))
+    raw, _, score = explainer(variant, mtime, method, chosen).explain(
+        variables["params"], variables.get("batch_stats"), image, target, normalize=False)
+    survival = map_survival(jnp.asarray(raw)[None], jnp.asarray(original)[None],
+                            k=SURVIVAL_TOP_K)
+    probs = predict(variant, mtime, image[None])[0]
+    left, right, notes = st.columns([1, 1, 1])
+    for column, shown, caption in ((left, original, "original"), (right, raw, "variant")):
+        picture = overlay(image, np.asarray(normalize_maps(shown)))
+        column.image(np.repeat(np.repeat(np.asarray(picture), 4, 0), 4, 1),
+                     caption=caption, clamp=True)
+    notes.markdown("\n".join([
+        f"- Compressed: **{compressed_variants_label(variant)}**",
+        f"- top-{SURVIVAL_TOP_K} pixels kept: **{float(survival['top_k'][0]):.0%}**",
+        f"- Spearman ρ of |map|: **{float(survival['spearman'][0]):.3f}**",
+        f"- the variant predicts **{CLASS_NAMES[int(np.argmax(probs))]}**; "
+        f"p({CLASS_NAMES[target]}) = {score:.1%}"]))
+
+
+def compressed_variants_label(path):
+    """'int8 (pretrained/cifar10_cnn_int8.pkl)' and the like."""
+    from checkpoints import compression_record, shown
+    record = compression_record(path) or {}
+    if "quantization" in record:
+        how = record["quantization"]
+    elif record.get("pruning") == "filters":
+        how = f"filters −{record.get('fraction', 0):.0%}"
+    else:
+        how = f"{record.get('sparsity', 0):.0%} sparse"
+    return f"{how} ({shown(path)})"
+
+
+@_cache
+def compressed_variants(checkpoint, mtime):
+    """{path: label} of the compressed variants of this checkpoint: those, shipped or
+    beside it or in a `variants/` folder beside it (where compress_xai.py writes them),
+    whose record names this file's sha256 as their original."""
+    from checkpoints import PRETRAINED_DIR, compression_record
+    from xai_io import file_sha256
+    try:
+        digest = file_sha256(checkpoint)
+    except OSError:
+        return {}
+    here = Path(checkpoint).parent
+    found = sorted({path.resolve() for folder in (PRETRAINED_DIR, here, here / "variants")
+                    for path in Path(folder).glob("*.pkl")})
+    return {str(path): compressed_variants_label(path) for path in found
+            if ((compression_record(path) or {}).get("original") or {}).get("sha256")
+            == digest}
 
 
 @_cache

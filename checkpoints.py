@@ -209,6 +209,16 @@ def describe_checkpoint(path) -> str:
             + (f", {every:.1%} on all" if every is not None else ""))
 
 
+def compression_record(path) -> Optional[dict]:
+    """How the checkpoint at `path` was compressed (`save_checkpoint`'s record: e.g.
+    {'quantization': 'int8', ...} or {'pruning': 'filters', ...}), or None for an
+    uncompressed or unreadable one (`load_checkpoint` says what is wrong with it)."""
+    try:
+        return safe_pickle_load(path)["config"].get("compression") or None
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def _check_structure(path, model, variables):
     """Every array the model needs, with its shape and a float dtype, and nothing else."""
     example = (1,) + tuple(getattr(model, "input_shape", (32, 32, 3)))

@@ -10,7 +10,6 @@ Every file is checked (size, shape, label range, checksums where known): a parti
 corrupt data set raises `DataError` naming the file and the fault, never loads silently.
 """
 
-import hashlib
 import os
 import pickle
 import tarfile
@@ -21,7 +20,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from xai_io import safe_pickle_load
+from xai_io import file_sha256, safe_pickle_load
 from xai_cache import user_cache_dir
 
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer",
@@ -101,14 +100,6 @@ def _check_labels(labels, path):
                         f"expected 0..{NUM_CLASSES - 1} ({bad.size} bad records)")
 
 
-def _sha256(path, chunk=1 << 20):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _verify_sha256sums(folder: Path):
     """Checks the files listed in the folder's SHA256SUMS, when it has one."""
     sums = folder / "SHA256SUMS"
@@ -119,7 +110,7 @@ def _verify_sha256sums(folder: Path):
             continue
         digest, name = line.split(maxsplit=1)
         path = folder / name.lstrip("*")
-        if path.is_file() and _sha256(path) != digest:
+        if path.is_file() and file_sha256(path) != digest:
             raise DataError(f"{path}: sha256 checksum does not match {sums}; "
                             "the file is corrupt")
 
@@ -254,7 +245,7 @@ def verify_archive(path, size: int, sha256: str):
     if actual != size:
         raise DataError(f"{path}: downloaded archive has {actual:,} bytes, expected "
                         f"{size:,}; the download is incomplete or not CIFAR-10")
-    digest = _sha256(path)
+    digest = file_sha256(path)
     if digest != sha256:
         raise DataError(f"{path}: downloaded archive sha256 is {digest}, expected "
                         f"{sha256}; refusing a corrupt or tampered archive")

@@ -48,10 +48,10 @@ import xai_compression as xc
 import xai_metrics as xm
 import xai_visualizations as xv
 from architectures import registry_name
-from checkpoints import load_checkpoint, save_checkpoint
+from checkpoints import compression_record, load_checkpoint, save_checkpoint, shown
 from cifar10_data import EXACT_TEST_RECORDS
 from evaluate_xai import EvalConfig
-from xai_io import atomic_write, safe_pickle_load
+from xai_io import atomic_write, file_sha256
 
 QUANTIZED = tuple(xc.SCHEMES)  # 'int8', 'int8_weights', 'int4_weights'
 # quantisation-aware fine-tuning (Qwix's fake quantisation, straight-through gradients)
@@ -151,7 +151,7 @@ def load_variant(path, name):
     """(model, variables, record) of the variant `name` that an earlier run saved at
     `path` (its `variants/<name>.pkl`), checked to be that variant."""
     model, variables = load_checkpoint(path)
-    record = safe_pickle_load(path)["config"].get("compression") or {}
+    record = compression_record(path) or {}
     if not _matches(name, record):
         raise ValueError(f"--variants-from: {str(path)!r} is not the variant {name!r}: it "
                          f"records {record or 'no compression'}")
@@ -427,8 +427,11 @@ def compress(config: CompressConfig, model=None, variables=None, data=None):
         data = cifar10_data.load_cifar10(config.data_dir)
     out = Path(config.output_dir)
     (out / "variants").mkdir(parents=True, exist_ok=True)
-    variants = {name: _variant(name, model, variables, data, config)
-                for name in tqdm(config.variants, desc="variants", disable=config.quiet)}
+    origin = {"checkpoint": shown(config.checkpoint), "sha256": file_sha256(config.checkpoint)}
+    variants = {}  # each recording its original, so that the explorer pairs them
+    for name in tqdm(config.variants, desc="variants", disable=config.quiet):
+        m, v, r = _variant(name, model, variables, data, config)
+        variants[name] = (m, v, {**r, "original": origin})
     everything = {"original": (model, variables, None), **variants}
     report = {"checkpoint": str(config.checkpoint), "device": cli.describe_device(),
               "command": "python " + " ".join(map(shlex.quote, sys.argv)) if sys.argv[0].endswith(

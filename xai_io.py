@@ -3,6 +3,7 @@ only, so that no code in a data batch or a checkpoint runs. Both the data loader
 checkpoints use it, and neither has to import the other's world.
 """
 
+import hashlib
 import os
 import pickle
 import tempfile
@@ -66,3 +67,12 @@ def safe_pickle_load(path, **kwargs):
     """`pickle.load` restricted to numpy arrays and builtin containers."""
     with open(path, "rb") as f:
         return _ArrayUnpickler(f, **kwargs).load()
+
+
+def file_sha256(path, chunk=1 << 20) -> str:
+    """The hex sha256 digest of the file at `path`, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

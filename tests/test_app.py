@@ -312,3 +312,47 @@ def test_the_explorers_explainers_give_the_maps_of_explain(checkpoint):
         assert scale > 0, (method, options)
         np.testing.assert_allclose(raw, want, rtol=0, atol=1e-6 * scale,
                                    err_msg=f"{method} {options}")
+
+
+def test_a_compressed_variant_is_shown_beside_the_original_with_its_survival(
+        tiny_model, tiny_variables, data, monkeypatch, tmp_path):  # noqa: F811 (data)
+    """A pruned variant written where compress_xai.py writes them (`variants/` beside the
+    checkpoint) is offered; chosen, each method's map of it sits beside the original's
+    with this image's top-100 intersection and Spearman ρ, computed here independently
+    (scipy's rank correlation of |map|, numpy's top-100 sets)."""
+    from scipy.stats import spearmanr
+
+    import xai_compression as xc
+    import xai_visualizations as xv
+    from xai_io import file_sha256
+
+    original = tmp_path / "tiny.pkl"
+    tc.save_checkpoint(original, tiny_model, tiny_variables)
+    (tmp_path / "variants").mkdir()
+    variant = tmp_path / "variants" / "sparse50.pkl"
+    pruned = xc.prune(tiny_variables, xc.magnitude_masks(tiny_variables["params"], 0.5))
+    tc.save_checkpoint(variant, tiny_model, pruned,
+                       compression={"pruning": "magnitude", "sparsity": 0.5, "original": {
+                           "sha256": file_sha256(original)}})
+    other = tmp_path / "variants" / "of_another.pkl"  # a variant of another checkpoint
+    tc.save_checkpoint(other, tiny_model, pruned, compression={
+        "pruning": "magnitude", "sparsity": 0.5, "original": {"sha256": "0" * 64}})
+    monkeypatch.setattr(cifar10_data, "load_cifar10", lambda data_dir: data)
+    monkeypatch.setenv("XAI_CHECKPOINT", str(original))
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    box = at.sidebar.selectbox(key="variant")
+    assert box.options == ["none", f"50% sparse ({checkpoints.shown(variant.resolve())})"]
+    at.sidebar.multiselect[0].set_value(["saliency"]).run()
+    box.select(str(variant.resolve())).run()
+    assert not at.exception and not at.error
+    image = data.test_images[0][None] / np.float32(255)
+    pred = int(_probabilities(original, data.test_images[0]).argmax())
+    maps = [np.asarray(xv.explain("saliency", tiny_model, v, image, np.array([pred])).maps[0])
+            for v in (tiny_variables, pruned)]
+    assert not np.allclose(maps[0], maps[1])  # pruning half the weights moved the map
+    top = [set(np.argsort(np.abs(m).ravel())[-100:]) for m in maps]
+    rho = spearmanr(np.abs(maps[0]).ravel(), np.abs(maps[1]).ravel())[0]
+    text = _text(at)
+    assert f"top-100 pixels kept: **{len(top[0] & top[1]) / 100:.0%}**" in text
+    assert f"Spearman ρ of |map|: **{rho:.3f}**" in text
+    assert len(at.get("image")) == 1 + 1 + 2  # the image, the figure, original | variant
