@@ -31,7 +31,11 @@ from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Compilation dominates these small tests; the persistent cache makes reruns fast.
+# Compilation dominates these small tests; the persistent cache makes reruns fast, and
+# within one cold run lets each command-line subprocess (they inherit the environment)
+# load what another process already compiled.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".cache" / "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 jax.config.update("jax_compilation_cache_dir", str(ROOT / ".cache" / "jax"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 jax.config.update("jax_numpy_rank_promotion", "raise")

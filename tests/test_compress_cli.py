@@ -12,6 +12,7 @@ import pytest
 import checkpoints
 import cifar10_data
 import compress_xai
+import xai_cli as cli
 import train_cifar10 as tc
 import xai_compression as xc
 from conftest import ROOT
@@ -32,7 +33,7 @@ def checkpoint(tiny_model, tiny_variables, tmp_path_factory):
 
 @pytest.mark.slow
 def test_the_card_measures_every_variant_and_saves_each_as_a_checkpoint(
-        checkpoint, data, tmp_path, monkeypatch):  # noqa: F811
+        checkpoint, data, tmp_path, monkeypatch, capsys):  # noqa: F811
     monkeypatch.setattr(cifar10_data, "load_cifar10", lambda data_dir: data)
     out = tmp_path / "card"
     compress_xai.main(["--checkpoint", str(checkpoint), "--output-dir", str(out),
@@ -45,8 +46,12 @@ def test_the_card_measures_every_variant_and_saves_each_as_a_checkpoint(
     assert rows["original"]["speed"]["throughput_ratio"] == 1.0
     assert rows["int8"]["size"]["weight_bytes"] < rows["original"]["size"]["weight_bytes"] / 3
     assert rows["filters"]["size"]["flops"] < 0.4 * rows["original"]["size"]["flops"]
-    assert rows["filters"]["record"] == {"pruning": "filters", "fraction": 0.5,
-                                         "criterion": "l1", "finetune_epochs": 1}
+    from xai_io import file_sha256
+    assert rows["filters"]["record"] == {
+        "pruning": "filters", "fraction": 0.5, "criterion": "l1", "finetune_epochs": 1,
+        "finetune_device": cli.describe_device(),  # the explorer pairs it with its original:
+        "original": {"checkpoint": checkpoints.shown(checkpoint),
+                     "sha256": file_sha256(checkpoint)}}
     for name in ("int8", "filters"):
         assert 0 <= rows[name]["accuracy"]["agreement"] <= 1
         survival = rows[name]["survival"]["saliency"]
@@ -66,6 +71,22 @@ def test_the_card_measures_every_variant_and_saves_each_as_a_checkpoint(
     md = (out / "compression.md").read_text()
     assert "| int8 | saliency |" in md and "| filters |" in md
     assert (out / "survival.png").read_bytes()[:4] == b"\x89PNG"
+
+    # a variant tuned elsewhere (e.g. on a GPU) is measured here without tuning it again
+    monkeypatch.setattr(tc, "fine_tune", lambda *a, **k: pytest.fail("tuned again"))
+    compress_xai.main(["--checkpoint", str(checkpoint), "--output-dir", str(tmp_path / "re"),
+                       "--variants", "filters", "--variants-from", str(out / "variants"),
+                       "--parts", "size", *FLAGS])
+    again = json.loads((tmp_path / "re" / "compression.json").read_text())["variants"]
+    assert again["filters"]["record"] == rows["filters"]["record"]
+    assert again["filters"]["size"] == rows["filters"]["size"]
+    (out / "variants" / "filters.pkl").rename(out / "variants" / "sparse50.pkl")
+    with pytest.raises(SystemExit):
+        compress_xai.main(["--checkpoint", str(checkpoint), "--output-dir",
+                           str(tmp_path / "re"), "--variants", "sparse50", "--variants-from",
+                           str(out / "variants"), "--parts", "size", *FLAGS])
+    assert ("is not the variant 'sparse50': it records {'pruning': 'filters'"
+            in capsys.readouterr().err)
 
 
 class FakeCard(NamedTuple):
@@ -116,7 +137,8 @@ def test_quantisation_aware_fine_tuning_trains_through_the_rounding(tiny_model, 
                                          finetune_lr=0.05, quiet=True)
     qmodel, qvariables, record = compress_xai.build_variant(
         "int4_weights_qat", tiny_model, tiny_variables, data, config)
-    assert record == {"quantization": "int4_weights", "quantization_aware_epochs": 1}
+    assert record == {"quantization": "int4_weights", "quantization_aware_epochs": 1,
+                      "finetune_device": cli.describe_device()}
     ptq_model, ptq_variables = xc.quantize(tiny_model, tiny_variables, "int4_weights")
     moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), qvariables["params"],
                          ptq_variables["params"])

@@ -57,33 +57,30 @@ def data_dir():
 @pytest.mark.slow
 def test_two_processes_or_two_devices_train_the_parameters_of_one(data_dir, tmp_path):
     """The same command in two processes (one CPU device each, the batch split between
-    them, BatchNorm over the whole batch), and in one process with two CPU devices,
-    gives the parameters of one process; only process 0 writes the checkpoint and the
-    training states. The two-device run evaluates the 10,000 test records in 625
-    batches dispatched without waiting (it deadlocked when each gathered its outputs
-    across the devices)."""
-    for folder in ("one", "two", "devices"):
+    them, BatchNorm over the whole batch) and in one process with two CPU devices gives
+    the same parameters (and those of one device: test_train's data-parallel test); only
+    process 0 writes the checkpoint and the training states. The two-device run
+    evaluates the 10,000 test records in 625 batches dispatched without waiting (it
+    deadlocked when each gathered its outputs across the devices)."""
+    for folder in ("two", "devices"):
         (tmp_path / folder).mkdir()
     port = free_port()
     both = [start("train_cifar10.py", FLAGS, tmp_path / "two", data_dir, (i, 2, port))
             for i in range(2)]
-    alone = start("train_cifar10.py", FLAGS, tmp_path / "one", data_dir)
     devices = start("train_cifar10.py", FLAGS, tmp_path / "devices", data_dir,
                     XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
                     + " --xla_force_host_platform_device_count=2")
     outs = [finish(p) for p in both]
-    finish(alone)
     finish(devices)
     assert "process 1 of 2" in outs[1] and "wrote" in outs[0] and "wrote" not in outs[1]
     smoke = Path("xai_results") / "smoke_model.pkl"
-    _, one = checkpoints.load_checkpoint(tmp_path / "one" / smoke)
-    leaves = jax.tree_util.tree_flatten_with_path(one)[0]
-    for folder in ("two", "devices"):
-        _, other = checkpoints.load_checkpoint(tmp_path / folder / smoke)
-        assert len(leaves) == len(jax.tree.leaves(other))
-        for (path, a), b in zip(leaves, jax.tree.leaves(other)):
-            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5,
-                                       err_msg=f"{folder} {jax.tree_util.keystr(path)}")
+    _, two = checkpoints.load_checkpoint(tmp_path / "two" / smoke)
+    _, other = checkpoints.load_checkpoint(tmp_path / "devices" / smoke)
+    leaves = jax.tree_util.tree_flatten_with_path(two)[0]
+    assert len(leaves) == len(jax.tree.leaves(other))
+    for (path, a), b in zip(leaves, jax.tree.leaves(other)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5,
+                                   err_msg=f"devices {jax.tree_util.keystr(path)}")
     states = list((tmp_path / "two" / "xai_results" / "smoke_model.states").rglob("*.pkl"))
     assert [p.name for p in states] == ["state_0001.pkl"]
 
