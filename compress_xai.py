@@ -12,7 +12,9 @@ fine-tuned with the masks kept), and 'filters' (structured pruning of --filter-f
 of every conv's filters, a really narrower network, then fine-tuned). Each variant is
 saved as a checkpoint (`<output-dir>/variants/<name>.pkl`) that `load_checkpoint` reads.
 
-Parts, each rewriting compression.json and compression.md as it finishes:
+Parts, each rewriting compression.json and compression.md as it finishes (a later run of
+some parts into the same --output-dir keeps the others, for the same checkpoint and
+variants):
 - size: stored weight bytes, parameters, sparsity and FLOPs;
 - accuracy: on the first 1,000 test records and on all, and the share of predictions
   that agree with the original's;
@@ -128,6 +130,23 @@ def build_variant(name, model, variables, data, config: CompressConfig):
     return narrow, pruned, {"pruning": "filters", "fraction": config.filter_fraction,
                             "criterion": config.filter_criterion,
                             "finetune_epochs": config.finetune_epochs, **_tuned_on(config)}
+
+
+def earlier_parts(path, config, report) -> dict:
+    """{variant: {part: result}} for the parts this run does not redo, from the card
+    already at `path` when it is of the same checkpoint and the variant has the same
+    record, so that parts can run one at a time (the expensive ones on their own)."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    if earlier.get("checkpoint") != report["checkpoint"]:
+        return {}
+    return {name: {part: row[part] for part in PARTS
+                   if part in row and part not in config.parts}
+            for name, row in earlier.get("variants", {}).items()
+            if name in report["variants"] and row.get("record") == report["variants"][name][
+                "record"]}
 
 
 def _tuned_on(config):
@@ -439,6 +458,8 @@ def compress(config: CompressConfig, model=None, variables=None, data=None):
               "num_images": min(config.num_images, len(data.test_labels)),
               "config": dataclasses.asdict(config),
               "variants": {name: {"record": r} for name, (_, _, r) in everything.items()}}
+    for name, parts in earlier_parts(out / "compression.json", config, report).items():
+        report["variants"][name].update(parts)  # parts run one at a time into one card
 
     def write(checkpoints=False):
         """The card and each variant's report; with `checkpoints`, each variant's

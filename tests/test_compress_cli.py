@@ -72,14 +72,20 @@ def test_the_card_measures_every_variant_and_saves_each_as_a_checkpoint(
     assert "| int8 | saliency |" in md and "| filters |" in md
     assert (out / "survival.png").read_bytes()[:4] == b"\x89PNG"
 
-    # a variant tuned elsewhere (e.g. on a GPU) is measured here without tuning it again
+    # a variant tuned elsewhere (e.g. on a GPU) is measured here without tuning it again,
+    # and a part run on its own joins the parts already in the card
     monkeypatch.setattr(tc, "fine_tune", lambda *a, **k: pytest.fail("tuned again"))
-    compress_xai.main(["--checkpoint", str(checkpoint), "--output-dir", str(tmp_path / "re"),
+    (out / "compression.json").write_text(json.dumps(
+        {**report, "variants": {**rows, "filters": {**rows["filters"], "size": "stale"}}}))
+    compress_xai.main(["--checkpoint", str(checkpoint), "--output-dir", str(out),
                        "--variants", "filters", "--variants-from", str(out / "variants"),
                        "--parts", "size", *FLAGS])
-    again = json.loads((tmp_path / "re" / "compression.json").read_text())["variants"]
+    again = json.loads((out / "compression.json").read_text())["variants"]
+    assert list(again) == ["original", "filters"]
     assert again["filters"]["record"] == rows["filters"]["record"]
-    assert again["filters"]["size"] == rows["filters"]["size"]
+    assert again["filters"]["size"] == rows["filters"]["size"]  # redone
+    for part in ("accuracy", "speed", "survival"):  # kept
+        assert again["filters"][part] == rows["filters"][part], part
     (out / "variants" / "filters.pkl").rename(out / "variants" / "sparse50.pkl")
     with pytest.raises(SystemExit):
         compress_xai.main(["--checkpoint", str(checkpoint), "--output-dir",
