@@ -7,8 +7,9 @@ speed and accuracy, and whether its explanations survive.
 
 Variants (`xai_compression`): 'int8' (Qwix, weights and activations, activations
 calibrated on training images), 'int8_weights' and 'int4_weights' (weights only),
-'int4_weights_qat' (int4 weights after quantisation-aware fine-tuning), 'sparse50', 'sparse70' and 'sparse90' (global magnitude pruning at that sparsity, then
-fine-tuned with the masks kept), and 'filters' (structured pruning of --filter-fraction
+'bf16' (every weight rounded to bfloat16), 'int4_weights_qat' (int4 weights after
+quantisation-aware fine-tuning), 'sparse50', 'sparse70' and 'sparse90' (global magnitude
+pruning at that sparsity, then fine-tuned with the masks kept), and 'filters' (structured pruning of --filter-fraction
 of every conv's filters, a really narrower network, then fine-tuned). Each variant is
 saved as a checkpoint (`<output-dir>/variants/<name>.pkl`) that `load_checkpoint` reads.
 
@@ -55,7 +56,7 @@ from cifar10_data import EXACT_TEST_RECORDS
 from evaluate_xai import EvalConfig
 from xai_io import atomic_write, file_sha256
 
-QUANTIZED = tuple(xc.SCHEMES)  # 'int8', 'int8_weights', 'int4_weights'
+QUANTIZED = xc.QUANTIZATIONS  # 'int8', 'int8_weights', 'int4_weights', 'bf16'
 # quantisation-aware fine-tuning (Qwix's fake quantisation, straight-through gradients)
 # of the float weights, then the same quantisation; for weight-only schemes, whose
 # training steps need no activation statistics

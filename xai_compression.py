@@ -38,6 +38,10 @@ SCHEMES = {
     "int8_weights": ("int8", None),
     "int4_weights": ("int4", None),
 }
+# bfloat16 weights (every float parameter rounded to bfloat16 and stored so, computed in
+# float32): not an integer grid, so not through Qwix, which has no bfloat16 qtype.
+BF16 = "bf16"
+QUANTIZATIONS = (*SCHEMES, BF16)
 BITS = {"int8": 8, "int4": 4}
 QMAX = {qtype: 2 ** (bits - 1) - 1 for qtype, bits in BITS.items()}  # 127, 7
 # Symmetric absmax with the largest |w| of a channel at ±QMAX exactly. Qwix's absmax maps
@@ -56,8 +60,8 @@ def _qwix():
 
 
 def check_scheme(scheme):
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme must be one of {tuple(SCHEMES)}, got {scheme!r}")
+    if scheme not in QUANTIZATIONS:
+        raise ValueError(f"scheme must be one of {QUANTIZATIONS}, got {scheme!r}")
 
 
 def _check_share(name, value, meaning):
@@ -81,16 +85,23 @@ def quantized_model(model, scheme):
     compression record.
     """
     check_scheme(scheme)
-    qwix = _qwix()
-    qmodel = qwix.quantize_model(model, qwix.QtProvider(_rules(scheme)))
-    cls = type(qmodel)
+    if scheme == BF16:  # the same network; the subclass carries the record
+        base = type(model)
+        cls = type(base.__name__, (base,), {"_unquantized_type": base,
+                                            "__module__": base.__module__})
+        qmodel = cls(**{f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+                        if f.init and f.name not in ("parent", "name")})
+    else:
+        qwix = _qwix()
+        qmodel = qwix.quantize_model(model, qwix.QtProvider(_rules(scheme)))
+        cls = type(qmodel)
     cls.compression = {"quantization": scheme}
     cls.init = _init
     # Qwix creates its activation statistics inside a custom-gradient function, which
     # cannot happen under a transformation (`jax.jit`, `jax.eval_shape`): their layout
     # is found here, once, eagerly, and `init` returns it uncalibrated.
     cls.uncalibrated = {}
-    if SCHEMES[scheme][1] is not None:
+    if scheme != BF16 and SCHEMES[scheme][1] is not None:
         example = jnp.zeros((1,) + tuple(getattr(model, "input_shape", (32, 32, 3))))
         _, stats = qmodel.apply(_float(qmodel).init(jax.random.key(0), example), example,
                                 mutable=["quant_stats"])
@@ -148,6 +159,8 @@ def quantize(model, variables, scheme, calibration_images=None, *, batch_size=25
     it; `checkpoints.save_checkpoint` stores its integer weights."""
     check_scheme(scheme)
     qmodel = quantized_model(model, scheme)
+    if scheme == BF16:
+        return qmodel, _arrays({**variables, "params": dequantize(_bf16(variables["params"]))})
     variables = {**variables,
                  "params": dequantize(_store(variables["params"], SCHEMES[scheme][0]))}
     if SCHEMES[scheme][1] is None:
@@ -174,6 +187,8 @@ def stored_params(qmodel, variables):
     A kernel already on a quantisation grid (as `quantize` and loading leave them) is
     stored as the integers and scales that give it back bit for bit, so saving and
     loading changes no weight; any other kernel is quantised afresh by Qwix."""
+    if record(qmodel)["quantization"] == BF16:
+        return _bf16(variables["params"])
     qtype = SCHEMES[record(qmodel)["quantization"]][0]
 
     def store(path, value):
@@ -225,9 +240,27 @@ def _store(params, qtype):
         params)
 
 
+def _bf16(params):
+    """Every float parameter rounded to bfloat16 (to nearest even), stored as
+    {'bfloat16': its uint16 bits}: plain numpy, which the checkpoint loader accepts."""
+    def store(value):
+        value = np.asarray(value)
+        if not np.issubdtype(value.dtype, np.floating):
+            return value
+        return {"bfloat16": np.asarray(jnp.asarray(value, jnp.bfloat16)).view(np.uint16)}
+    return jax.tree.map(store, params)
+
+
 def dequantize(stored):
     """Float parameters from `stored_params`: qvalue · scale for each quantised kernel
-    (values Qwix's absmax quantisation maps back onto themselves)."""
+    (values Qwix's absmax quantisation maps back onto themselves), bfloat16 bits
+    widened to float32."""
+    if isinstance(stored, dict) and set(stored) == {"bfloat16"}:
+        bits = np.asarray(stored["bfloat16"])
+        if bits.dtype != np.uint16:
+            raise ValueError(f"a bfloat16 parameter must be stored as uint16 bits, got "
+                             f"{bits.dtype}")
+        return (bits.astype(np.uint32) << 16).view(np.float32)
     if isinstance(stored, dict) and set(stored) == {"qvalue", "scale"}:
         qvalue, scale = stored["qvalue"], stored["scale"]
         per_channel = (1,) * (np.ndim(qvalue) - 1) + np.shape(qvalue)[-1:]
@@ -254,10 +287,12 @@ def restore(model, compression, variables):
 def weight_bytes(params, scheme=None):
     """Bytes of the stored weights: quantised kernels at their bit width (int4 packed two
     to a byte) plus their float32 scales, every other array as stored."""
-    bits = BITS[SCHEMES[scheme][0]] if scheme else None
+    bits = BITS[SCHEMES[scheme][0]] if scheme in SCHEMES else None
     total = 0
     for leaf in _stored_leaves(params):
-        if isinstance(leaf, dict):
+        if isinstance(leaf, dict) and set(leaf) == {"bfloat16"}:
+            total += leaf["bfloat16"].nbytes
+        elif isinstance(leaf, dict):
             total += math.ceil(leaf["qvalue"].size * bits / 8) + leaf["scale"].nbytes
         else:
             total += np.asarray(leaf).nbytes
@@ -265,7 +300,7 @@ def weight_bytes(params, scheme=None):
 
 
 def _stored_leaves(tree):
-    if isinstance(tree, dict) and set(tree) == {"qvalue", "scale"}:
+    if isinstance(tree, dict) and set(tree) in ({"qvalue", "scale"}, {"bfloat16"}):
         return [tree]
     if isinstance(tree, dict):
         return [leaf for value in tree.values() for leaf in _stored_leaves(value)]

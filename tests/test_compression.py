@@ -288,3 +288,31 @@ def test_structured_pruning_refuses_what_it_cannot_narrow():
     from architectures import CCT
     with pytest.raises(TypeError, match="narrows the CIFAR10CNN and ResNet20; got CCT"):
         xc.prune_filters(CCT(), {"params": {}}, 0.5)
+
+
+def test_bf16_rounds_every_weight_to_the_nearest_bfloat16_and_round_trips(variables, tmp_path):
+    """bfloat16 keeps float32's 8 exponent bits and 7 of its 23 fraction bits: by hand,
+    the nearest bfloat16 of w is within half a unit in the last place, 2^-8 of the power
+    of two at or below |w|, so within 2^-8 |w|; and
+    numpy's float32 bits with the low 16 rounded to nearest even give it."""
+    qmodel, qvariables = xc.quantize(MODEL, variables, "bf16")
+    assert xc.record(qmodel) == {"quantization": "bf16"} and isinstance(qmodel, CIFAR10CNN)
+    for w, r in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(qvariables["params"])):
+        w, r = np.asarray(w, np.float32), np.asarray(r)
+        assert r.dtype == np.float32
+        assert np.all(np.abs(r - w) <= np.abs(w) * 2.0 ** -8)
+        bits = w.view(np.uint32).astype(np.uint64)
+        nearest = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16).astype(np.uint32)
+        np.testing.assert_array_equal(r.view(np.uint32), nearest)
+    stored = xc.stored_params(qmodel, qvariables)  # two bytes a weight
+    assert xc.weight_bytes(stored, "bf16") * 2 == xc.weight_bytes(
+        checkpoints.plain(variables["params"]))
+    path = tmp_path / "bf16.pkl"
+    checkpoints.save_checkpoint(path, qmodel, qvariables)
+    model, loaded = checkpoints.load_checkpoint(path)
+    assert xc.record(model) == {"quantization": "bf16"}
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, loaded["params"],
+                                            qvariables["params"])))
+    np.testing.assert_array_equal(model.apply(loaded, IMAGES), qmodel.apply(qvariables, IMAGES))
+    saliency = xv.explain("saliency", model, loaded, IMAGES[:2]).maps  # explainers take it
+    assert np.all(np.isfinite(np.asarray(saliency)))
