@@ -14,6 +14,7 @@ import train_cifar10 as tc
 from architectures import MODELS, registry_name
 from checkpoints import pretrained_checkpoints
 from cifar10_data import load_cifar10
+from xai_io import file_sha256
 
 SHIPPED = pretrained_checkpoints()
 
@@ -71,7 +72,10 @@ def test_the_int8_cnn_is_a_quarter_of_the_size_and_loads_as_any_checkpoint():
     xc = pytest.importorskip("xai_compression")
     pytest.importorskip("qwix")
     model, variables = checkpoints.load_checkpoint(INT8)
-    assert xc.record(model) == {"quantization": "int8", "calibration_images": 1024}
+    record = xc.record(model)
+    assert {k: v for k, v in record.items() if k != "original"} == {
+        "quantization": "int8", "calibration_images": 1024}
+    assert record["original"]["sha256"] == file_sha256(checkpoints.PRETRAINED)
     with open(INT8, "rb") as f:
         raw = pickle.load(f)
     assert raw["params"]["block1"]["Conv_0"]["kernel"]["qvalue"].dtype == np.int8
@@ -81,19 +85,41 @@ def test_the_int8_cnn_is_a_quarter_of_the_size_and_loads_as_any_checkpoint():
     report = json.loads(INT8.with_suffix(".json").read_text())
     assert report["size"]["weight_bytes"] == shipped
     assert report["command"].startswith("python compress_xai.py --checkpoint "
-                                        "pretrained/cifar10_cnn.pkl --variants int8")
+                                        "pretrained/cifar10_cnn.pkl ")
+
+
+PRUNED = checkpoints.PRETRAINED_DIR / "cifar10_cnn_pruned.pkl"
+
+
+def test_the_pruned_cnn_is_narrower_with_half_the_flops_and_loads_as_any_checkpoint():
+    xc = pytest.importorskip("xai_compression")
+    model, variables = checkpoints.load_checkpoint(PRUNED)
+    float_model, float_variables = checkpoints.load_checkpoint(checkpoints.PRETRAINED)
+    assert type(model) is type(float_model)
+    def widths(variables, rank):
+        return [v.shape[-1] for p, v in jax.tree_util.tree_flatten_with_path(
+            variables["params"])[0] if p[-1].key == "kernel" and v.ndim == rank]
+    # 30 % of every convolution's filters gone; the Dense layers keep their widths
+    assert widths(variables, 4) == [round((1 - 0.3) * w) for w in widths(float_variables, 4)]
+    assert widths(variables, 2) == widths(float_variables, 2)
+    assert xc.flops(model, variables) <= 0.5 * xc.flops(float_model, float_variables)
+    report = json.loads(PRUNED.with_suffix(".json").read_text())
+    assert {k: v for k, v in report["compression"].items() if k not in (
+        "original", "finetune_device")} == {"pruning": "filters", "fraction": 0.3,
+                                            "criterion": "bn_scale", "finetune_epochs": 15}
+    assert report["compression"]["original"]["sha256"] == file_sha256(checkpoints.PRETRAINED)
 
 
 @pytest.mark.skipif(not os.environ.get("CIFAR10_DIR"),
                     reason="CIFAR10_DIR is not set (.ci/run sets it)")
 @pytest.mark.slow
-def test_the_int8_cnn_loses_at_most_half_a_point_on_the_first_1000():
+def test_the_int8_cnn_loses_at_most_half_a_point_and_the_pruned_one_a_point():
     pytest.importorskip("qwix")
     data = load_cifar10(os.environ["CIFAR10_DIR"])
     images = data.test_images[:tc.EXACT_TEST_RECORDS] / np.float32(255)
     labels = data.test_labels[:tc.EXACT_TEST_RECORDS]
     accuracy = {}
-    for path in (checkpoints.PRETRAINED, INT8):
+    for path in (checkpoints.PRETRAINED, INT8, PRUNED):
         model, variables = checkpoints.load_checkpoint(path)
         forward = jax.jit(model.apply)
         logits = np.concatenate([forward(variables, images[i:i + 250])
@@ -103,3 +129,4 @@ def test_the_int8_cnn_loses_at_most_half_a_point_on_the_first_1000():
     assert accuracy["cifar10_cnn_int8.pkl"] == pytest.approx(
         report["metrics"]["test_accuracy_first1000"], abs=1e-3)
     assert accuracy["cifar10_cnn_int8.pkl"] >= accuracy["cifar10_cnn.pkl"] - 0.005
+    assert accuracy["cifar10_cnn_pruned.pkl"] >= accuracy["cifar10_cnn.pkl"] - 0.01
