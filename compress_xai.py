@@ -255,8 +255,8 @@ def speed_part(models, images, repeats):
 
 
 def method_list(config, model, variants):
-    """The methods asked for, or every method that can explain the original and every
-    variant; and {method: why} for those that cannot."""
+    """The methods asked for (default: all) that can explain the original and every
+    variant; and {method: why} for those asked that cannot."""
     skipped = {}
     for m in xv.METHODS:
         for candidate in [model] + [v[0] for v in variants.values()]:
@@ -264,8 +264,9 @@ def method_list(config, model, variants):
             if why:
                 skipped[m] = why
                 break
-    methods = config.methods or tuple(m for m in xv.METHODS if m not in skipped)
-    return methods, {m: w for m, w in skipped.items() if m not in methods}
+    asked = config.methods or tuple(xv.METHODS)
+    return (tuple(m for m in asked if m not in skipped),
+            {m: w for m, w in skipped.items() if m in asked})
 
 
 def explained(method, model, variables, images, targets, seed):

@@ -101,7 +101,13 @@ def quantized_model(model, scheme):
     # cannot happen under a transformation (`jax.jit`, `jax.eval_shape`): their layout
     # is found here, once, eagerly, and `init` returns it uncalibrated.
     cls.uncalibrated = {}
+    cls.not_replayable = None
     if scheme != BF16 and SCHEMES[scheme][1] is not None:
+        # what a method that re-evaluates the model's program outside Flax (Guided
+        # Backprop) is told
+        cls.not_replayable = ("Qwix's int8 activation quantisation reads its calibrated "
+                              "statistics from the Flax module that runs it, which such a "
+                              "replay does not have")
         example = jnp.zeros((1,) + tuple(getattr(model, "input_shape", (32, 32, 3))))
         _, stats = qmodel.apply(_float(qmodel).init(jax.random.key(0), example), example,
                                 mutable=["quant_stats"])

@@ -516,6 +516,10 @@ def _needs_lrp_rules(model, image_shape, apply_kwargs):
 
 def _needs_relu(model, image_shape, apply_kwargs):
     """Why Guided Backprop cannot explain `model`, or None when it can."""
+    why = getattr(model, "not_replayable", None)  # e.g. xai_compression's int8 model
+    if why:
+        return ("Guided Backprop replays the model's program equation by equation, and "
+                + why)
     variables = abstract_variables(model, image_shape, frozen_kwargs(apply_kwargs))
     try:
         jax.eval_shape(lambda v, x: guided(forward(model, v, apply_kwargs))(x), variables,

@@ -316,3 +316,26 @@ def test_bf16_rounds_every_weight_to_the_nearest_bfloat16_and_round_trips(variab
     np.testing.assert_array_equal(model.apply(loaded, IMAGES), qmodel.apply(qvariables, IMAGES))
     saliency = xv.explain("saliency", model, loaded, IMAGES[:2]).maps  # explainers take it
     assert np.all(np.isfinite(np.asarray(saliency)))
+
+
+def test_guided_backprop_is_refused_by_name_where_qwix_cannot_be_replayed(quantized):
+    """Guided Backprop replays the model's program equation by equation outside Flax,
+    where Qwix's int8 activations cannot read their calibrated statistics: refused with
+    that reason (not a trace from inside Qwix), and the compression card leaves it out
+    with the reason; weight-only quantisation replays and is explained."""
+    import compress_xai
+
+    int8, _ = quantized["int8"]
+    why = xv.unsupported("guided_backprop", int8)
+    assert why.startswith("Guided Backprop replays the model's program") and "Qwix" in why
+    with pytest.raises(ValueError, match="cannot explain .*calibrated statistics"):
+        xv.check_options("guided_gradcam", int8, {}, IMAGES.shape[1:])
+    weights, weights_variables = quantized["int8_weights"]
+    assert xv.unsupported("guided_backprop", weights) is None
+    maps = xv.explain("guided_backprop", weights, weights_variables, IMAGES[:2]).maps
+    assert np.all(np.isfinite(np.asarray(maps))) and float(np.max(maps)) > 0
+    config = compress_xai.CompressConfig(methods=("saliency", "guided_backprop"))
+    variants = {"int8": quantized["int8"] + ({},), "int8_weights": quantized["int8_weights"]
+                + ({},)}
+    methods, skipped = compress_xai.method_list(config, MODEL, variants)
+    assert methods == ("saliency",) and skipped == {"guided_backprop": why}
