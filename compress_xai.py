@@ -407,30 +407,31 @@ def _interval(s):
     return f"{s['mean']:.3f} [{s['low']:.3f}, {s['high']:.3f}]"
 
 
-def plot_survival(path, images, maps):
-    """One row per image: the image, then each method's map of the original beside each
-    variant's (|map|, each scaled to its own maximum). `maps`: {(variant, method):
-    {'original', 'variant'}}."""
+def plot_survival(path, images, maps, num_images=2):
+    """For each of the first `num_images` images, one row per method: the image, the
+    original's map, then each variant's (|map|, each scaled to its own maximum).
+    `maps`: {(variant, method): {'original', 'variant'}}."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     methods = list(dict.fromkeys(m for _, m in maps))
     variants = list(dict.fromkeys(v for v, _ in maps))
-    columns = [(m, "original", None) for m in methods] + [
-        (m, v, (v, m)) for m in methods for v in variants if (v, m) in maps]
-    rows = min(3, len(images))
-    fig, axes = plt.subplots(rows, len(columns) + 1, squeeze=False,
-                             figsize=(1.3 * (len(columns) + 1), 1.4 * rows))
-    for i in range(rows):
-        axes[i, 0].imshow(images[i])
-        for j, (method, who, key) in enumerate(columns, 1):
-            source = maps[key]["variant"] if key else next(
-                v["original"] for (_, m), v in maps.items() if m == method)
-            cell = np.abs(source[i])
-            axes[i, j].imshow(cell / (cell.max() + 1e-12), cmap="jet")
-            if i == 0:
-                axes[i, j].set_title(f"{method}\n{who}", fontsize=6)
+    rows = [(i, m) for i in range(min(num_images, len(images))) for m in methods]
+    fig, axes = plt.subplots(len(rows), len(variants) + 2, squeeze=False,
+                             figsize=(1.1 * (len(variants) + 2), 1.15 * len(rows)))
+    for r, (i, method) in enumerate(rows):
+        axes[r, 0].imshow(images[i])
+        axes[r, 0].set_ylabel(method, fontsize=6)
+        shown = [next(v["original"] for (_, m), v in maps.items() if m == method)]
+        shown += [maps[(v, method)]["variant"] if (v, method) in maps else None
+                  for v in variants]
+        for c, source in enumerate(shown, 1):
+            if source is not None:
+                cell = np.abs(source[i])
+                axes[r, c].imshow(cell / (cell.max() + 1e-12), cmap="jet")
+            if r == 0:
+                axes[r, c].set_title((["original"] + variants)[c - 1], fontsize=6)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
