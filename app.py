@@ -580,10 +580,10 @@ def show_variant(st, variant, method, image, target, original, options=None):
         f"p({CLASS_NAMES[target]}) = {score:.1%}"]))
 
 
-def compressed_variants_label(path):
-    """'int8 (pretrained/cifar10_cnn_int8.pkl)' and the like."""
+def compressed_variants_label(path, record=None):
+    """'int8 (pretrained/cifar10_cnn_int8.pkl)' and the like; `record` when already read."""
     from checkpoints import compression_record, shown
-    record = compression_record(path) or {}
+    record = record or compression_record(path) or {}
     if "quantization" in record:
         how = record["quantization"]
     elif record.get("pruning") == "filters":
@@ -607,9 +607,10 @@ def compressed_variants(checkpoint, mtime):
     here = Path(checkpoint).parent
     found = sorted({path.resolve() for folder in (PRETRAINED_DIR, here, here / "variants")
                     for path in Path(folder).glob("*.pkl")})
-    return {str(path): compressed_variants_label(path) for path in found
-            if ((compression_record(path) or {}).get("original") or {}).get("sha256")
-            == digest}
+    records = {path: compression_record(path) or {} for path in found}  # each file read once
+    return {str(path): compressed_variants_label(path, record)
+            for path, record in records.items()
+            if (record.get("original") or {}).get("sha256") == digest}
 
 
 @_cache

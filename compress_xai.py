@@ -388,9 +388,9 @@ def _how(record):
         return "float32"
     if "quantization" in record:
         qat = record.get("quantization_aware_epochs")
-        library = "bfloat16" if record["quantization"] == xc.BF16 else "Qwix "
-        return (library + ("" if record["quantization"] == xc.BF16 else record["quantization"])
-                + (f", {qat} ep. QAT" if qat else "") + _where(record))
+        how = ("bfloat16" if record["quantization"] == xc.BF16
+               else f"Qwix {record['quantization']}")
+        return how + (f", {qat} ep. QAT" if qat else "") + _where(record)
     if record["pruning"] == "magnitude":
         return (f"magnitude {record['sparsity']:.0%}, {record['finetune_epochs']} ep."
                 f"{_where(record)}")
