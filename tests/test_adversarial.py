@@ -266,6 +266,9 @@ def test_adversarial_training_trains_on_pgd_examples(tiny_model):
     config = tc.TrainConfig(recipe="adversarial", epochs=1, batch_size=8)
     settings = tc.recipe(config)
     assert settings["attack"] == (8 / 255, 2 / 255, 7)
+    # the recipe's ε and step with 2 ascents instead of 7: the same program, unrolled
+    # 2 times instead of 7, compiles in a third of the time
+    attack = settings["attack"][:2] + (2,)
     state = tc.create_train_state(tiny_model, config, jax.random.key(0), 10)
     rng = np.random.default_rng(0)
     batch = {"image": jnp.asarray(rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)),
@@ -273,7 +276,7 @@ def test_adversarial_training_trains_on_pgd_examples(tiny_model):
     x = batch["image"].astype(jnp.float32) / 255
     dropout = jax.random.key(2)
     found = jax.jit(tc.adversarial_batch, static_argnums=5)(
-        state, x, batch["label"], jax.random.key(1), dropout, settings["attack"])
+        state, x, batch["label"], jax.random.key(1), dropout, attack)
     assert float(jnp.max(jnp.abs(found - x))) <= 8 / 255 * (1 + 1e-5)
     assert float(found.min()) >= 0 and float(found.max()) <= 1
 
@@ -285,7 +288,7 @@ def test_adversarial_training_trains_on_pgd_examples(tiny_model):
             logits, batch["label"]).mean())
 
     assert loss(found) > loss(x)
-    new, metrics = tc.train_step(state, batch, augmented=True, attack=settings["attack"])
+    new, metrics = tc.train_step(state, batch, augmented=True, attack=attack)
     assert np.isfinite(float(metrics["loss"])) and int(new.step) == 1
 
 

@@ -49,15 +49,21 @@ def test_pretrained_report_holds_config_history_accuracies_device_and_command(na
     assert report["command"].startswith("python train_cifar10.py")
 
 
-@pytest.mark.skipif(not os.environ.get("CIFAR10_DIR"),
-                    reason="CIFAR10_DIR is not set (.ci/run sets it)")
+@pytest.fixture(scope="module")
+def exact_test_records():
+    """The first 1,000 test records (the exact ones) of the real CIFAR-10, read once."""
+    if not os.environ.get("CIFAR10_DIR"):
+        pytest.skip("CIFAR10_DIR is not set (.ci/run sets it)")
+    data = load_cifar10(os.environ["CIFAR10_DIR"])
+    return (data.test_images[:tc.EXACT_TEST_RECORDS].copy(),
+            data.test_labels[:tc.EXACT_TEST_RECORDS].copy())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SHIPPED))
-def test_pretrained_accuracy_is_what_its_report_says(name):
-    data = load_cifar10(os.environ["CIFAR10_DIR"])
+def test_pretrained_accuracy_is_what_its_report_says(name, exact_test_records):
     model, variables = tc.load_checkpoint(SHIPPED[name])
-    images = data.test_images[:tc.EXACT_TEST_RECORDS]
-    labels = data.test_labels[:tc.EXACT_TEST_RECORDS]
+    images, labels = exact_test_records
     forward = jax.jit(lambda x: model.apply(variables, x / 255.0))
     logits = np.concatenate([forward(images[i:i + 250]) for i in range(0, len(images), 250)])
     report = json.loads(SHIPPED[name].with_suffix(".json").read_text())
@@ -110,14 +116,12 @@ def test_the_pruned_cnn_is_narrower_with_half_the_flops_and_loads_as_any_checkpo
     assert report["compression"]["original"]["sha256"] == file_sha256(checkpoints.PRETRAINED)
 
 
-@pytest.mark.skipif(not os.environ.get("CIFAR10_DIR"),
-                    reason="CIFAR10_DIR is not set (.ci/run sets it)")
 @pytest.mark.slow
-def test_the_int8_cnn_loses_at_most_half_a_point_and_the_pruned_one_a_point():
+def test_the_int8_cnn_loses_at_most_half_a_point_and_the_pruned_one_a_point(
+        exact_test_records):
     pytest.importorskip("qwix")
-    data = load_cifar10(os.environ["CIFAR10_DIR"])
-    images = data.test_images[:tc.EXACT_TEST_RECORDS] / np.float32(255)
-    labels = data.test_labels[:tc.EXACT_TEST_RECORDS]
+    images, labels = exact_test_records
+    images = images / np.float32(255)
     # the float CNN's own accuracy is its report's (test_pretrained_accuracy_is_what_its_
     # report_says holds them equal), so it is not computed again here
     accuracy = {"cifar10_cnn.pkl": json.loads(checkpoints.PRETRAINED.with_suffix(
