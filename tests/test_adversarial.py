@@ -266,8 +266,8 @@ def test_adversarial_training_trains_on_pgd_examples(tiny_model):
     config = tc.TrainConfig(recipe="adversarial", epochs=1, batch_size=8)
     settings = tc.recipe(config)
     assert settings["attack"] == (8 / 255, 2 / 255, 7)
-    # the recipe's ε and step with 2 ascents instead of 7: the same program, unrolled
-    # 2 times instead of 7, compiles in a third of the time
+    # the recipe's ε and step with 2 ascents instead of 7: the same program with its
+    # ascent unrolled 2 times instead of 7, so less to compile
     attack = settings["attack"][:2] + (2,)
     state = tc.create_train_state(tiny_model, config, jax.random.key(0), 10)
     rng = np.random.default_rng(0)
